@@ -1,0 +1,192 @@
+"""Text sources, tokenisation and deterministic sampling of token windows.
+
+A data spec is one string:
+  ``text:PATH``   a UTF-8 text file, or a directory of ``*.txt`` files (sorted, joined by blank lines)
+  ``jsonl:PATH``  one JSON object per line: ``{"text": ...}`` or Alpaca ``instruction/input/output``
+  ``wikitext2``, ``c4``  the paper's hub datasets through ``datasets.load_dataset`` (needs network)
+  ``PATH``        shorthand for ``text:PATH`` (``jsonl:`` if it ends in .jsonl)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from losa.errors import DataError
+
+log = logging.getLogger(__name__)
+
+HUB_DATASETS = ("wikitext2", "c4")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # "text", "jsonl" or a hub dataset name
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSpec":
+        if not isinstance(spec, str) or not spec.strip():
+            raise DataError("empty data spec: use text:PATH, jsonl:PATH, wikitext2 or c4")
+        spec = spec.strip()
+        if spec in HUB_DATASETS:
+            return cls(spec)
+        kind, sep, rest = spec.partition(":")
+        if sep and kind in ("text", "jsonl"):
+            path = Path(rest).expanduser()
+        else:
+            path = Path(spec).expanduser()
+            kind = "jsonl" if path.suffix == ".jsonl" else "text"
+        if not path.exists():
+            raise DataError(
+                f"data path {str(path)!r} does not exist (spec {spec!r}); "
+                f"use text:PATH, jsonl:PATH or one of {', '.join(HUB_DATASETS)}"
+            )
+        return cls(kind, path)
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+def format_alpaca(record: dict) -> tuple[str, str]:
+    """(prompt, response) in the Alpaca template."""
+    instruction = str(record.get("instruction", "")).strip()
+    extra = str(record.get("input", "") or "").strip()
+    template = ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=extra), str(record.get("output", ""))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict) or not ("text" in obj or "instruction" in obj):
+                raise DataError(
+                    f"{path}:{lineno}: each line needs a 'text' field or Alpaca 'instruction'/'input'/'output' fields"
+                )
+            records.append(obj)
+    if not records:
+        raise DataError(f"{path} holds no records; give a jsonl file with at least one JSON object per line")
+    return records
+
+
+def load_documents(spec: str | DataSpec, split: str = "train") -> list[str]:
+    """The documents of a data source, in a deterministic order.
+
+    ``split`` only matters for hub datasets (``train`` for calibration / training, ``eval`` for
+    perplexity); local sources are used whole: split them into files yourself.
+    """
+    spec = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
+    if spec.kind in HUB_DATASETS:
+        return _load_hub(spec.kind, split)
+    if spec.kind == "jsonl":
+        docs = []
+        for rec in read_jsonl(spec.path):
+            if "text" in rec:
+                docs.append(str(rec["text"]))
+            else:
+                prompt, response = format_alpaca(rec)
+                docs.append(prompt + response)
+        return docs
+    files = sorted(spec.path.rglob("*.txt")) if spec.path.is_dir() else [spec.path]
+    if not files:
+        raise DataError(f"directory {spec.path} holds no *.txt files")
+    docs = []
+    for file in files:
+        try:
+            docs.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{file} is not UTF-8 text; convert it or point text: at a text file") from None
+    if not any(d.strip() for d in docs):
+        raise DataError(f"{spec} holds no text")
+    return docs
+
+
+def _load_hub(name: str, split: str) -> list[str]:
+    try:
+        import datasets
+
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "train" else "test")
+            # the Wanda / SparseGPT protocol joins the lines with blank lines into one text
+            return ["\n\n".join(ds["text"])]
+        files = {"train": "en/c4-train.00000-of-01024.json.gz", "eval": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = datasets.load_dataset("allenai/c4", data_files={split: files["train" if split == "train" else "eval"]}, split=split)
+        return list(ds["text"])
+    except Exception as e:  # network, hub and cache problems all end here
+        raise DataError(
+            f"could not load the hub dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "It needs network access to the Hugging Face hub (or a warm datasets cache); "
+            "offline, pass local data as text:PATH or jsonl:PATH"
+        ) from None
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents tokenised and joined into one 1-D LongTensor, separated by EOS where defined."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than model_max_length" is expected here
+    try:
+        encoded = tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(documents) > 1 else []
+    ids: list[int] = []
+    for i, doc in enumerate(encoded):
+        if i and sep:
+            ids.extend(sep)
+        ids.extend(doc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str = "calibration") -> torch.Tensor:
+    """``nsamples`` distinct non-overlapping windows of ``seqlen`` tokens, chosen with ``seed``."""
+    if nsamples < 1 or seqlen < 2:
+        raise DataError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    available = tokens.numel() // seqlen
+    if available < nsamples:
+        raise DataError(
+            f"{what} text has {tokens.numel():,} tokens, fewer than nsamples x seqlen = "
+            f"{nsamples} x {seqlen} = {nsamples * seqlen:,}; give more text or lower --nsamples / --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=gen)[:nsamples] * seqlen
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def contiguous_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows over the whole text (the Wanda / SparseGPT perplexity protocol)."""
+    count = tokens.numel() // seqlen
+    if count < 1:
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    return tokens[: count * seqlen].view(count, seqlen)
+
+
+def calibration_ids(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    return sample_windows(tokenize_documents(tokenizer, load_documents(spec, "train")), nsamples, seqlen, seed)
+
+
+def evaluation_ids(tokenizer, spec: str, seqlen: int) -> torch.Tensor:
+    return contiguous_windows(tokenize_documents(tokenizer, load_documents(spec, "eval")), seqlen)

@@ -1,0 +1,66 @@
+"""report.json: what was done, with what settings, per-layer results, metrics and timings."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+import losa
+
+
+class Timer:
+    """Accumulates wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def environment() -> dict:
+    import transformers
+
+    return {
+        "losa": losa.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+@dataclass
+class Report:
+    command: str
+    settings: dict
+    layers: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {
+            "command": self.command,
+            "settings": self.settings,
+            "layers": [l.as_dict() if hasattr(l, "as_dict") else l for l in self.layers],
+            "metrics": self.metrics,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "environment": environment(),
+        }
+        if self.layers:
+            total = sum(l.numel for l in self.layers)
+            out["overall_sparsity"] = sum(l.sparsity * l.numel for l in self.layers) / total
+        out.update(self.extra)
+        return out
