@@ -33,6 +33,7 @@ def synthetic_text(n_words: int, seed: int = 0) -> str:
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(synthetic_text(12000), encoding="utf-8")
+    (path.parent / "eval.txt").write_text(synthetic_text(800, seed=1), encoding="utf-8")  # a small held-out text
     return path
 
 

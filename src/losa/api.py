@@ -64,3 +64,97 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
         result = perplexity(model, windows, batch_size=config.batch_size, device=config.device)
     result.update(data=config.data, seqlen=config.seqlen, model=str(config.model), timings_s=timer.seconds)
     return result
+
+
+def _state_dir(config: FinetuneConfig):
+    from pathlib import Path
+
+    out = Path(config.out).expanduser().resolve()
+    return out.with_name(out.name + ".state")
+
+
+def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
+    """Prune and recover: LoSA (default) or a baseline; writes a standard checkpoint + report.json.
+
+    LoSA saves its state after every step beside the output (``<out>.state``); rerunning the same
+    call after an interruption continues from the last finished step. ``stop_after`` interrupts
+    after that step (for tests of resumption).
+    """
+    import tempfile
+
+    from losa.adapters import adapter_layers, remove_adapters
+    from losa.algorithm import run_losa
+    from losa.baselines import BASELINES
+    from losa.plots import plot_run
+    from losa.pruning.sequential import layer_sparsities
+    from losa.state import RunState
+    from losa.train import training_samples
+
+    if config.out is not None:
+        check_output_dir(config.out, config.overwrite)
+    timer = Timer()
+    with timer("load"):
+        model, tokenizer = load_model(config.model, dtype=config.dtype, allow_pickle=config.allow_pickle,
+                                      trust_remote_code=config.trust_remote_code)
+    with timer("data"):
+        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+        samples = training_samples(tokenizer, config.train, config.train_samples, config.train_seqlen, config.seed)
+    torch.manual_seed(config.seed)
+    extra: dict = {}
+    records = []
+    scratch = None
+    if config.method == "losa":
+        if config.out is not None:
+            state = RunState(_state_dir(config), config.as_dict())
+        else:
+            scratch = tempfile.TemporaryDirectory(prefix="losa-state-")
+            state = RunState(scratch.name, config.as_dict())
+        if not config.resume:
+            state.remove()
+        state.start()
+        with timer("losa"):
+            records = run_losa(model, tokenizer, calib, samples, config, state, stop_after=stop_after)
+        masks = {name: layer.mask.clone() for name, layer in adapter_layers(model).items()}
+        remove_adapters(model)
+        _check_merged_sparsity(model, masks)
+        extra["steps"] = [r.as_dict() for r in records]
+        extra["trainable_parameters"] = records[-1].trainable_parameters
+    else:
+        with timer(config.method):
+            model, summary = BASELINES[config.method](model, tokenizer, calib, samples, config)
+        extra.update(summary)
+    report = Report("finetune", config.as_dict(), extra=extra)
+    base = model.get_base_model() if config.method == "lora" else model
+    report.layers = layer_sparsities(base)
+    if config.eval:
+        with timer("eval"):
+            ev = evaluate(EvalConfig(model=config.model, data=config.eval, seqlen=config.eval_seqlen or config.seqlen,
+                                     device=config.device), model=model, tokenizer=tokenizer)
+        report.metrics["perplexity"] = ev["perplexity"]
+        report.metrics["eval_tokens"] = ev["tokens"]
+    if config.out is not None:
+        with timer("save"), atomic_output_dir(config.out, config.overwrite) as tmp:
+            if config.method == "lora":  # kept unmerged: sparse base + adapter beside it
+                model.save_pretrained(str(tmp / "lora-adapter"))
+                base = model.unload()
+            save_pretrained(base, tokenizer, tmp)
+            if records:
+                report.extra["plots"] = plot_run([r.as_dict() for r in records], tmp / "plots")
+            report.timings = timer.seconds
+            write_json_atomic(tmp / "report.json", report.as_dict())
+        if config.method == "losa":
+            state.remove()
+    if scratch is not None:
+        scratch.cleanup()
+    report.timings = timer.seconds
+    return report.as_dict()
+
+
+@torch.no_grad()
+def _check_merged_sparsity(model, masks: dict) -> None:
+    """The merged model must be exactly as sparse as the step-T masks: zeros wherever pruned."""
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        weight = modules[name].weight
+        if (weight[~keep] != 0).any():
+            raise RuntimeError(f"merging broke the sparsity of {name}: a pruned weight became non-zero")

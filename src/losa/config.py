@@ -78,3 +78,141 @@ class EvalConfig:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings of the paper / the authors' code (ALGORITHM.md section 4)."""
+
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 2
+    max_grad_norm: float = 0.3
+    warmup_ratio: float = 0.3
+    weight_decay: float = 0.001
+    lr_scheduler: str = "linear"
+    # "auto": paged AdamW (8-bit, as the authors) on CUDA when bitsandbytes is installed, else AdamW
+    optim: str = "auto"
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "grad_accum", "epochs")
+        for name in ("learning_rate", "max_grad_norm"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+FINETUNE_METHODS = ("losa", "lora", "sparse-lora", "ft-then-sparsify")
+
+
+@dataclass
+class LosaConfig:
+    """LoSA's own settings; defaults are the paper's (ALGORITHM.md sections 1-4)."""
+
+    steps: int = 5  # T
+    r0: int = 6  # initial mean rank; grows by one per step (Eq. 9)
+    r_min: int = 1
+    r_max: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.1
+    beta: float | None = None  # None: 1 with Wanda, 100 with SparseGPT (authors)
+    delta: float | None = None  # None: the paper's table (allocation.rates.delta_for)
+    schedule: str = "cubic"  # or "linear"
+    lsr: bool = True  # layer-wise sparsity rates from RMI
+    sra: bool = True  # sparsity-aware rank allocation
+    dsa: bool = True  # dynamic sparsity and adaptation (T steps); off: one step at the final sparsity
+    rank_by: str = "error"  # or "sparsity" (ablation, paper Table 7)
+    shrink: str = "keep"  # how adapters shrink: keep leading rows (paper) or "svd"
+    mixed_nm: bool = False  # N:M patterns: per-block N from the LSR importances (paper sec. 3.4)
+    lsr_samples: int = 64  # calibration sequences whose features give the RMI (authors: 64 for 7B)
+    sra_samples: int = 16  # calibration sequences whose dense block outputs are kept for SRA
+    lora_rank: int = 8  # rank of the LoRA / Sparse-LoRA baselines
+
+    def __post_init__(self) -> None:
+        from losa.schedule import SCHEDULES
+
+        _check_positive(self, "steps", "r0", "r_min", "r_max", "lsr_samples", "sra_samples", "lora_rank")
+        if self.r_min > self.r_max:
+            raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.rank_by not in ("error", "sparsity"):
+            raise ConfigError(f"rank_by must be 'error' or 'sparsity', got {self.rank_by!r}")
+        if self.shrink not in ("keep", "svd"):
+            raise ConfigError(f"shrink must be 'keep' or 'svd', got {self.shrink!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lsr_samples < 2:
+            raise ConfigError("lsr_samples must be at least 2 (CKA compares samples)")
+
+    def final_mean_rank(self) -> int:
+        return self.r0 + self.steps - 1
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class FinetuneConfig:
+    """``losa finetune``: prune and recover with LoSA, or one of the baselines."""
+
+    model: str
+    out: str | None = None
+    method: str = "losa"
+    pruner: str = "wanda"
+    sparsity: float | None = None
+    pattern: str | None = None
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    train: str = "alpaca-gpt4"  # Alpaca-GPT4 (10K samples in the paper)
+    train_samples: int = 10000
+    train_seqlen: int = 1024
+    eval: str | None = None  # perplexity data evaluated on the result (None: skip)
+    eval_seqlen: int | None = None  # default: seqlen
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8  # calibration forward batch
+    overwrite: bool = False
+    resume: bool = True  # continue from <out>.state after an interruption
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    losa: LosaConfig = None  # type: ignore[assignment]
+    training: TrainConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        from losa.pruning import PRUNERS
+
+        self.losa = self.losa if self.losa is not None else LosaConfig()
+        self.training = self.training if self.training is not None else TrainConfig()
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(FINETUNE_METHODS)}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
+        PruneConfig(model=self.model, method=self.pruner, sparsity=self.sparsity, pattern=self.pattern,
+                    nsamples=self.nsamples, seqlen=self.seqlen)  # validates the target and sizes
+        _check_positive(self, "train_samples", "train_seqlen", "batch_size")
+        if self.train_seqlen < 2:
+            raise ConfigError("train_seqlen must be at least 2")
+
+    def target(self):
+        return PruneConfig(model=self.model, method=self.pruner, sparsity=self.sparsity, pattern=self.pattern).target()
+
+    def beta(self) -> float:
+        if self.losa.beta is not None:
+            return self.losa.beta
+        return 100.0 if self.pruner == "sparsegpt" else 1.0
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("losa", "training")}
+        out["losa"] = self.losa.as_dict()
+        out["training"] = self.training.as_dict()
+        return out

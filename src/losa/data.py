@@ -3,7 +3,8 @@
 A data spec is one string:
   ``text:PATH``   a UTF-8 text file, or a directory of ``*.txt`` files (sorted, joined by blank lines)
   ``jsonl:PATH``  one JSON object per line: ``{"text": ...}`` or Alpaca ``instruction/input/output``
-  ``wikitext2``, ``c4``  the paper's hub datasets through ``datasets.load_dataset`` (needs network)
+  ``wikitext2``, ``c4``, ``alpaca-gpt4``  the paper's hub datasets through ``datasets.load_dataset``
+                  (needs network)
   ``PATH``        shorthand for ``text:PATH`` (``jsonl:`` if it ends in .jsonl)
 """
 
@@ -20,7 +21,7 @@ from losa.errors import DataError
 
 log = logging.getLogger(__name__)
 
-HUB_DATASETS = ("wikitext2", "c4")
+HUB_DATASETS = ("wikitext2", "c4", "alpaca-gpt4")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -131,6 +132,9 @@ def _load_hub(name: str, split: str) -> list[str]:
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "train" else "test")
             # the Wanda / SparseGPT protocol joins the lines with blank lines into one text
             return ["\n\n".join(ds["text"])]
+        if name == "alpaca-gpt4":
+            ds = datasets.load_dataset("vicgalle/alpaca-gpt4", split="train")
+            return ["".join(format_alpaca(rec)) for rec in ds]
         files = {"train": "en/c4-train.00000-of-01024.json.gz", "eval": "en/c4-validation.00000-of-00008.json.gz"}
         ds = datasets.load_dataset("allenai/c4", data_files={split: files["train" if split == "train" else "eval"]}, split=split)
         return list(ds["text"])

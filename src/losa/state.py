@@ -1,0 +1,118 @@
+"""Run state for resuming an interrupted fine-tune.
+
+After every finished step the state directory holds, written atomically: the prunable weights,
+the adapter factors (their shapes are the ranks), the step's rates / ranks / report, and the RNG
+states. Rerunning the same command continues after the last finished step. The dense block outputs
+SRA compares against are recorded once, before step 1, into the same directory (disk-backed, so
+their memory never grows with the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from losa.checkpoint import write_json_atomic
+from losa.errors import ConfigError
+
+# settings that do not change the result of a run (a resumed run may change them)
+_NOT_FINGERPRINTED = ("out", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen")
+
+
+def fingerprint(settings: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in _NOT_FINGERPRINTED}, default=str))
+
+
+class RunState:
+    def __init__(self, directory: str | Path, settings: dict) -> None:
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint(settings)
+
+    # -- dense block outputs (SRA's reference), recorded once ------------------------------------
+    def dense_path(self, block: int) -> Path:
+        return self.dir / "dense" / f"block_{block:04d}.safetensors"
+
+    def save_dense(self, block: int, outputs: torch.Tensor) -> None:
+        path = self.dense_path(block)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"outputs": outputs.detach().contiguous().cpu()}, str(tmp))
+        os.replace(tmp, path)
+
+    def load_dense(self, block: int, device) -> torch.Tensor:
+        return load_file(str(self.dense_path(block)), device=str(device))["outputs"]
+
+    def has_dense(self, num_blocks: int) -> bool:
+        return (self.dir / "dense" / "complete").exists() and all(self.dense_path(i).exists() for i in range(num_blocks))
+
+    def mark_dense_complete(self) -> None:
+        (self.dir / "dense" / "complete").write_text(json.dumps(self.fingerprint))
+
+    # -- per-step checkpoints --------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the directory, or check that an existing one belongs to this run."""
+        meta = self.dir / "run.json"
+        if meta.exists():
+            saved = json.loads(meta.read_text())
+            if saved != self.fingerprint:
+                differs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+                raise ConfigError(
+                    f"{self.dir} holds the state of a run with different settings (differs in: {', '.join(differs)}); "
+                    "delete that directory to start over, or rerun with the original settings to resume"
+                )
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(meta, self.fingerprint)
+
+    def last_step(self) -> int:
+        latest = self.dir / "latest.json"
+        return json.loads(latest.read_text())["step"] if latest.exists() else 0
+
+    def save_step(self, step: int, weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], record: dict) -> None:
+        final = self.dir / f"step-{step}"
+        tmp = self.dir / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
+        torch.save(_rng_state(), tmp / "rng.pt")
+        write_json_atomic(tmp / "record.json", record)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json_atomic(self.dir / "latest.json", {"step": step})
+        for old in self.dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_step(self, step: int) -> tuple[dict, dict, dict]:
+        d = self.dir / f"step-{step}"
+        weights = load_file(str(d / "weights.safetensors"))
+        adapters = load_file(str(d / "adapters.safetensors"))
+        record = json.loads((d / "record.json").read_text())
+        _set_rng_state(torch.load(d / "rng.pt", weights_only=False))
+        return weights, adapters, record
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,163 @@
+"""Fine-tuning data and the training loop (through the Hugging Face Trainer).
+
+The Trainer brings multi-GPU / distributed training (``accelerate launch``), mixed precision and
+the paged optimisers; losa only builds the samples and checks the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from losa.config import TrainConfig
+from losa.data import DataSpec, load_documents, read_jsonl, format_alpaca, tokenize_documents
+from losa.errors import DataError, TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def training_samples(tokenizer, spec: str, num_samples: int, seqlen: int, seed: int) -> list[list[int]]:
+    """``num_samples`` token sequences of at most ``seqlen`` tokens, in a seeded order.
+
+    Instruction data (jsonl with ``instruction``) gives one Alpaca-formatted sample per record
+    (prompt and response, truncated to ``seqlen``; the authors train on the whole text too);
+    plain text is cut into non-overlapping ``seqlen`` windows (causal LM).
+    """
+    parsed = DataSpec.parse(spec)
+    gen = torch.Generator().manual_seed(seed)
+    if parsed.kind == "jsonl" and any("instruction" in r for r in read_jsonl(parsed.path)[:1]):
+        records = read_jsonl(parsed.path)
+        texts = ["".join(format_alpaca(r)) for r in records]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        encoded = [ids[: seqlen - len(eos)] + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        samples = [encoded[i] for i in torch.randperm(len(encoded), generator=gen).tolist()]
+    elif parsed.kind == "alpaca-gpt4":
+        texts = load_documents(parsed, "train")
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        samples = [encoded[i][:seqlen] for i in torch.randperm(len(encoded), generator=gen).tolist()]
+    else:
+        tokens = tokenize_documents(tokenizer, load_documents(parsed, "train"))
+        count = tokens.numel() // seqlen
+        windows = tokens[: count * seqlen].view(count, seqlen)
+        samples = [windows[i].tolist() for i in torch.randperm(count, generator=gen).tolist()]
+    if len(samples) < num_samples:
+        raise DataError(
+            f"training data {spec} gives {len(samples)} samples of up to {seqlen} tokens, fewer than the "
+            f"{num_samples} requested; lower --train-samples / --train-seqlen or give more data"
+        )
+    return samples[:num_samples]
+
+
+def step_chunks(num_samples: int, steps: int) -> list[tuple[int, int]]:
+    """(start, end) of each step's data: like the authors (1K of 10K for steps 1-4, the rest for
+    step 5), each step but the last takes a tenth, the last the remainder; equal parts when T > 10."""
+    if steps == 1:
+        return [(0, num_samples)]
+    per_step = num_samples // 10 if steps <= 10 else num_samples // steps
+    per_step = max(per_step, 1)
+    bounds = [(i * per_step, (i + 1) * per_step) for i in range(steps - 1)]
+    bounds.append(((steps - 1) * per_step, num_samples))
+    if bounds[-1][0] >= num_samples:
+        raise DataError(f"{num_samples} training samples cannot be split over {steps} steps; give at least {steps}")
+    return bounds
+
+
+def _optimizer_name(config: TrainConfig, device: str) -> str:
+    if config.optim != "auto":
+        return config.optim
+    if device.startswith("cuda"):
+        try:
+            import bitsandbytes  # noqa: F401
+
+            return "paged_adamw_8bit"
+        except ImportError:
+            pass
+    return "adamw_torch"
+
+
+class _FiniteLossGuard:
+    """Stops training at the first NaN / inf loss (checked at every logged step)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Guard(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if loss is not None and not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the training loss became {loss} at optimiser step {state.global_step}; lower the "
+                        "learning rate or check the data. The last finished step is kept."
+                    )
+
+        return Guard()
+
+
+def train(
+    model: nn.Module,
+    samples: list[list[int]],
+    tokenizer,
+    config: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
+    desc: str = "train",
+) -> dict:
+    """Train the model's trainable parameters on ``samples`` with a fresh optimiser and schedule."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    if not samples:
+        raise DataError("no training samples for this step")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = Dataset.from_dict({"input_ids": samples})
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    with tempfile.TemporaryDirectory(prefix="losa-train-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            lr_scheduler_type=config.lr_scheduler,
+            max_grad_norm=config.max_grad_norm,
+            num_train_epochs=config.epochs,
+            optim=_optimizer_name(config, device),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not device.startswith("cuda"),
+            dataloader_pin_memory=False,
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          callbacks=[_FiniteLossGuard()])
+        start = time.perf_counter()
+        model.train()
+        trainer.train()
+        model.eval()
+        seconds = time.perf_counter() - start
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # the last update diverged after the last logged loss
+        raise TrainingError(
+            f"training diverged: {len(bad)} trainable tensors hold NaN / inf (e.g. {bad[0]}); lower the learning "
+            "rate or check the data. The last finished step is kept."
+        )
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "loss": losses,
+        "final_loss": losses[-1] if losses else None,
+        "optimizer_steps": trainer.state.global_step,
+        "samples": len(samples),
+        "tokens": sum(len(s) for s in samples),
+        "seconds": seconds,
+    }

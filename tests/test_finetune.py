@@ -1,0 +1,147 @@
+"""End-to-end LoSA and baselines on tiny models: invariants, resume, NaN handling."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from losa import api
+from losa.config import FinetuneConfig, LosaConfig, TrainConfig
+from losa.errors import ConfigError, TrainingError
+from losa.train import step_chunks
+
+
+def tiny_cfg(model_dir, text_file, out, **kw):
+    losa_kw = kw.pop("losa", {})
+    train_kw = kw.pop("training", {})
+    base = dict(model=str(model_dir), out=str(out), pruner="wanda", sparsity=0.6, calib=f"text:{text_file}",
+                nsamples=8, seqlen=32, train=f"text:{text_file}", train_samples=24, train_seqlen=32, seed=0,
+                eval=f"text:{text_file.with_name('eval.txt')}", eval_seqlen=32)
+    base.update(kw)
+    return FinetuneConfig(**base, losa=LosaConfig(steps=3, lsr_samples=8, sra_samples=4, dropout=0.0, **losa_kw),
+                          training=TrainConfig(batch_size=4, grad_accum=1, **train_kw))
+
+
+def test_step_chunks_follow_the_authors_split():
+    assert step_chunks(10000, 5) == [(0, 1000), (1000, 2000), (2000, 3000), (3000, 4000), (4000, 10000)]
+    assert step_chunks(7, 1) == [(0, 7)]
+    chunks = step_chunks(24, 3)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 24 and all(a < b for a, b in chunks)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_losa_end_to_end_exact_sparsity(tmp_path, model_dirs, text_file, arch):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "losa"
+    report = api.finetune(tiny_cfg(model_dirs[arch], text_file, out))
+    steps = report["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    # cubic schedule, mean rank r0 + t - 1, LSR rates average S_t, SRA ranks sum exactly
+    for s in steps:
+        assert sum(float(p) for p in s["block_patterns"]) / 3 == pytest.approx(s["target_sparsity"], abs=1e-12)
+        assert sum(s["ranks"]) == 3 * s["mean_rank"]
+        assert len(s["errors"]) == 3 and all(e >= 0 for e in s["errors"])
+        assert set(s["seconds"]) >= {"lsr", "prune", "sra", "train"}
+    assert steps[-1]["target_sparsity"] == pytest.approx(0.6)
+    assert [s["mean_rank"] for s in steps] == [6, 7, 8]
+    # sparsity only grows from step to step
+    for a, b in zip(steps, steps[1:]):
+        assert all(y >= x - 1e-12 for x, y in zip(a["block_sparsity"], b["block_sparsity"]))
+    # the saved checkpoint is a plain HF model with exactly the step-T sparsity in every layer
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["metrics"]["perplexity"] > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    names = {l["name"]: l for l in saved["layers"]}
+    state = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in state)
+    for name, layer in names.items():
+        w = dict(model.named_modules())[name].weight
+        assert float((w == 0).float().mean()) == pytest.approx(layer["sparsity"])
+        block = layer["block"]
+        assert layer["sparsity"] == pytest.approx(steps[-1]["block_sparsity"][block], abs=0.02)
+    # per-row counts are int(in_features * S_i): with 32-wide layers that rounds by up to 1/32
+    assert saved["overall_sparsity"] == pytest.approx(0.6, abs=1 / 32)
+    assert {"sparsity_by_step.png", "ranks_by_step.png", "training_loss.png"} <= {p.name for p in (out / "plots").iterdir()}
+    assert not (tmp_path / "losa.state").exists()
+
+
+def test_resume_gives_the_same_result(tmp_path, model_dirs, text_file):
+    straight = tmp_path / "straight"
+    api.finetune(tiny_cfg(model_dirs["llama"], text_file, straight))
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        api.finetune(tiny_cfg(model_dirs["llama"], text_file, resumed), stop_after=1)
+    assert not resumed.exists() and (tmp_path / "resumed.state" / "step-1").exists()
+    report = api.finetune(tiny_cfg(model_dirs["llama"], text_file, resumed))
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3]
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_refuses_other_settings(tmp_path, model_dirs, text_file):
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        api.finetune(tiny_cfg(model_dirs["llama"], text_file, out), stop_after=1)
+    with pytest.raises(ConfigError, match="different settings.*sparsity"):
+        api.finetune(tiny_cfg(model_dirs["llama"], text_file, out, sparsity=0.5))
+
+
+def test_nan_loss_stops_and_keeps_last_good_step(tmp_path, model_dirs, text_file, monkeypatch):
+    import losa.algorithm
+    from losa.train import train as real_train
+
+    def poisoned(model, samples, tokenizer, config, *, seed, device, desc):
+        if desc == "step 2":  # make step 2 diverge
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data.fill_(float("nan"))
+        return real_train(model, samples, tokenizer, config, seed=seed, device=device, desc=desc)
+
+    out = tmp_path / "nan"
+    monkeypatch.setattr(losa.algorithm, "train", poisoned)
+    with pytest.raises(TrainingError, match="loss became|diverged"):
+        api.finetune(tiny_cfg(model_dirs["llama"], text_file, out, eval=None))
+    assert not out.exists()
+    assert json.loads((tmp_path / "nan.state" / "latest.json").read_text())["step"] == 1  # last good step kept
+    monkeypatch.undo()
+    report = api.finetune(tiny_cfg(model_dirs["llama"], text_file, out, eval=None))  # resumes after step 1
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3] and out.exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "sparse-lora", "ft-then-sparsify"])
+def test_baselines(tmp_path, model_dirs, text_file, method):
+    out = tmp_path / method
+    report = api.finetune(tiny_cfg(model_dirs["llama"], text_file, out, method=method))
+    assert report["metrics"]["perplexity"] > 1
+    assert report["overall_sparsity"] == pytest.approx(0.6, abs=1 / 32)
+    if method == "lora":
+        assert report["merged_density"] > 0.9  # merging LoRA would destroy the sparsity
+        assert (out / "lora-adapter" / "adapter_config.json").exists()
+    assert report["trainable_parameters"] > 0
+
+
+@pytest.mark.parametrize("ablation", [dict(lsr=False), dict(sra=False), dict(dsa=False), dict(rank_by="sparsity"),
+                                      dict(schedule="linear")])
+def test_ablations(tmp_path, model_dirs, text_file, ablation):
+    report = api.finetune(tiny_cfg(model_dirs["llama"], text_file, tmp_path / "a", eval=None, losa=ablation))
+    steps = report["steps"]
+    assert report["overall_sparsity"] == pytest.approx(0.6, abs=1 / 32)
+    if ablation.get("lsr") is False:
+        assert all(p == str(float(steps[-1]["target_sparsity"])) for p in steps[-1]["block_patterns"])
+    if ablation.get("sra") is False:
+        assert all(len(set(s["ranks"])) == 1 for s in steps)
+    if ablation.get("dsa") is False:
+        assert len(steps) == 1 and steps[0]["mean_rank"] == 8
+    if ablation.get("schedule") == "linear":
+        assert [s["target_sparsity"] for s in steps] == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_losa_nm_pattern(tmp_path, model_dirs, text_file):
+    report = api.finetune(tiny_cfg(model_dirs["qwen2"], text_file, tmp_path / "nm", sparsity=None, pattern="2:4", eval=None))
+    assert report["overall_sparsity"] == pytest.approx(0.5)
+    assert all(p == "2:4" for s in report["steps"] for p in s["block_patterns"])
