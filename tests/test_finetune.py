@@ -145,3 +145,34 @@ def test_losa_nm_pattern(tmp_path, model_dirs, text_file):
     report = api.finetune(tiny_cfg(model_dirs["qwen2"], text_file, tmp_path / "nm", sparsity=None, pattern="2:4", eval=None))
     assert report["overall_sparsity"] == pytest.approx(0.5)
     assert all(p == "2:4" for s in report["steps"] for p in s["block_patterns"])
+
+
+def test_cli_finetune_flags(tmp_path, model_dirs, text_file):
+    from losa.cli import build_parser, finetune_config
+
+    args = build_parser().parse_args([
+        "finetune", "--model", str(model_dirs["llama"]), "--method", "losa", "--pruner", "sparsegpt", "--sparsity", "0.7",
+        "--calib", f"text:{text_file}", "--train", f"text:{text_file}", "--steps", "4", "--train-samples", "100",
+        "--train-seqlen", "64", "--seed", "3", "--out", str(tmp_path / "o"), "--no-lsr", "--no-sra", "--no-dsa",
+        "--rank-by", "sparsity", "--schedule", "linear"])
+    cfg = finetune_config(args)
+    assert (cfg.pruner, cfg.sparsity, cfg.losa.steps, cfg.train_samples, cfg.seed) == ("sparsegpt", 0.7, 4, 100, 3)
+    assert (cfg.losa.lsr, cfg.losa.sra, cfg.losa.dsa, cfg.losa.rank_by, cfg.losa.schedule) == (False, False, False, "sparsity", "linear")
+    assert cfg.beta() == 100.0
+    defaults = finetune_config(build_parser().parse_args(["finetune", "--model", "m", "--sparsity", "0.7", "--out", "o"]))
+    assert (defaults.losa.steps, defaults.losa.r0, defaults.training.learning_rate, defaults.nsamples) == (5, 6, 2e-4, 128)
+
+
+def test_cli_finetune_runs(tmp_path, model_dirs, text_file):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "losa.cli", "finetune", "--model", str(model_dirs["llama"]), "--sparsity", "0.5",
+                        "--calib", f"text:{text_file}", "--nsamples", "4", "--seqlen", "32", "--train", f"text:{text_file}",
+                        "--train-samples", "8", "--train-seqlen", "32", "--steps", "2", "--lsr-samples", "4",
+                        "--sra-samples", "2", "--out", str(tmp_path / "o"), "-q"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["command"] == "finetune" and len(report["steps"]) == 2

@@ -49,11 +49,72 @@ def _add_eval(sub) -> None:
     _add_common(p)
 
 
+def _add_finetune(sub) -> None:
+    from losa.config import FINETUNE_METHODS, LosaConfig, TrainConfig
+
+    lc, tc = LosaConfig(), TrainConfig()
+    p = sub.add_parser("finetune", help="prune and recover with LoSA (or a baseline / ablation)")
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (dense)")
+    p.add_argument("--method", default="losa", choices=FINETUNE_METHODS)
+    p.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="final unstructured sparsity in [0, 1), e.g. 0.7")
+    target.add_argument("--pattern", help="N:M pattern, e.g. 2:4")
+    p.add_argument("--calib", default="c4", help="calibration data (default c4)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length (default 2048)")
+    p.add_argument("--train", default="alpaca-gpt4", help="fine-tuning data: jsonl:PATH (Alpaca), text:PATH, alpaca-gpt4")
+    p.add_argument("--train-samples", type=int, default=10000, help="fine-tuning sequences in all (default 10000)")
+    p.add_argument("--train-seqlen", type=int, default=1024, help="max tokens per fine-tuning sequence (default 1024)")
+    p.add_argument("--steps", type=int, default=lc.steps, help=f"dynamic steps T (default {lc.steps})")
+    p.add_argument("--r0", type=int, default=lc.r0, help=f"initial mean rank (default {lc.r0})")
+    p.add_argument("--lora-rank", type=int, default=lc.lora_rank, help="rank of the LoRA baselines (default 8)")
+    p.add_argument("--alpha", type=float, default=lc.alpha)
+    p.add_argument("--dropout", type=float, default=lc.dropout)
+    p.add_argument("--schedule", default=lc.schedule, choices=["cubic", "linear"])
+    p.add_argument("--rank-by", default=lc.rank_by, choices=["error", "sparsity"])
+    p.add_argument("--no-lsr", action="store_true", help="ablation: uniform layer-wise sparsity")
+    p.add_argument("--no-sra", action="store_true", help="ablation: uniform ranks")
+    p.add_argument("--no-dsa", action="store_true", help="ablation: one step at the final sparsity")
+    p.add_argument("--mixed-nm", action="store_true", help="N:M patterns: per-block N from the LSR importances")
+    p.add_argument("--lsr-samples", type=int, default=lc.lsr_samples)
+    p.add_argument("--sra-samples", type=int, default=lc.sra_samples)
+    p.add_argument("--lr", type=float, default=tc.learning_rate, help=f"learning rate (default {tc.learning_rate})")
+    p.add_argument("--train-batch-size", type=int, default=tc.batch_size)
+    p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
+    p.add_argument("--eval", default=None, help="evaluate perplexity on this data after fine-tuning")
+    p.add_argument("--eval-seqlen", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--restart", action="store_true", help="ignore a saved state of an interrupted run")
+    _add_common(p)
+
+
+def finetune_config(args: argparse.Namespace):
+    from losa.config import FinetuneConfig, LosaConfig, TrainConfig
+
+    return FinetuneConfig(
+        model=args.model, out=args.out, method=args.method, pruner=args.pruner, sparsity=args.sparsity,
+        pattern=args.pattern, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, train=args.train,
+        train_samples=args.train_samples, train_seqlen=args.train_seqlen, eval=args.eval, eval_seqlen=args.eval_seqlen,
+        seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite,
+        resume=not args.restart, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        losa=LosaConfig(steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule,
+                        lsr=not args.no_lsr, sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by,
+                        mixed_nm=args.mixed_nm, lsr_samples=args.lsr_samples, sra_samples=args.sra_samples,
+                        lora_rank=args.lora_rank),
+        training=TrainConfig(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="losa", description="Prune LLMs and recover them with LoSA.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_finetune(sub)
     return parser
 
 
@@ -82,6 +143,12 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         else:
             print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens ({config.data})")
+        return 0
+    if args.command == "finetune":
+        report = api.finetune(finetune_config(args))
+        ppl = report["metrics"].get("perplexity")
+        print(f"wrote {args.out} ({args.method}, overall sparsity {report['overall_sparsity']:.4f}"
+              + (f", perplexity {ppl:.3f}" if ppl is not None else "") + ")")
         return 0
     raise AssertionError(args.command)
 
