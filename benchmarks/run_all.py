@@ -1,0 +1,158 @@
+"""The small-scale reproduction of the paper's experiments (`make bench`).
+
+Every cell is one `losa` command run in its own process; its report.json and peak memory land in
+bench-out/<cell>/. Finished cells are skipped, so an interrupted sweep resumes where it stopped
+(run it in the background: `nohup make bench &`). At the end BENCHMARKS.md's generated section is
+rewritten from the results (`--tables-only` does just that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tables import write_benchmarks_md  # noqa: E402
+
+
+def cell_commands(args) -> dict[str, list[str]]:
+    """Cell name -> losa argv. Budgets are identical for LoRA and LoSA (same samples x seqlen)."""
+    c = args.corpus
+    data = ["--calib", f"text:{c}/calib.txt", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    ev = ["--eval", f"text:{c}/eval.txt", "--eval-seqlen", str(args.seqlen)]
+    train = ["--train", f"text:{c}/finetune.txt", "--train-samples", str(args.train_samples),
+             "--train-seqlen", str(args.seqlen), "--lsr-samples", str(min(args.nsamples, 64)), "--sra-samples", "16"]
+    cells: dict[str, list[str]] = {}
+
+    def prune(name, method, target, seed=0):
+        cells[name] = ["prune", "--model", args.model, "--method", method, *target, *data, "--seed", str(seed)]
+
+    def ft(name, method, pruner, target, extra=(), seed=0):
+        cells[name] = ["finetune", "--model", args.model, "--method", method, "--pruner", pruner, *target, *data,
+                       *train, *ev, "--seed", str(seed), *extra]
+
+    for pruner in ("wanda", "sparsegpt"):
+        for s in ("0.5", "0.6", "0.7"):
+            seeds = args.seeds if s == "0.7" else [0]
+            for seed in seeds:
+                tag = f"{pruner}-{s}-s{seed}"
+                prune(f"t1-{tag}-pruned", pruner, ["--sparsity", s], seed)
+                ft(f"t1-{tag}-lora", "lora", pruner, ["--sparsity", s], seed=seed)
+                ft(f"t1-{tag}-losa", "losa", pruner, ["--sparsity", s], seed=seed)
+    w70 = ("wanda", ["--sparsity", "0.7"])
+    for name, flags in {"no-lsr": ["--no-lsr"], "no-sra": ["--no-sra"], "no-dsa": ["--no-dsa"],
+                        "none": ["--no-lsr", "--no-sra", "--no-dsa"], "rank-by-sparsity": ["--rank-by", "sparsity"],
+                        "linear": ["--schedule", "linear"]}.items():
+        ft(f"abl-{name}", "losa", *w70, flags)
+    ft("abl-sparse-lora", "sparse-lora", *w70)
+    prune("nm-2of4-pruned", "wanda", ["--pattern", "2:4"])
+    ft("nm-2of4-losa", "losa", "wanda", ["--pattern", "2:4"])
+    ft("nm-mixed2of4-losa", "losa", "wanda", ["--pattern", "2:4"], ["--mixed-nm"])
+    for s in ("0.4", "0.8", "0.9"):  # 0.5-0.7 come from table 1
+        prune(f"rob-wanda-{s}-pruned", "wanda", ["--sparsity", s])
+        ft(f"rob-wanda-{s}-losa", "losa", "wanda", ["--sparsity", s])
+    return cells
+
+
+def run_cell(name: str, argv: list[str], out_root: Path, python: str) -> dict | None:
+    cell_dir = out_root / name
+    result_file = cell_dir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    model_out = cell_dir / "model"
+    argv = [*argv, "--out", str(model_out), "--overwrite", "-q"]
+    cmd = [python, str(ROOT / "benchmarks" / "_cell.py"), str(cell_dir / "proc.json"), "--", *argv]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: losa {' '.join(argv)}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        (cell_dir / "stderr.txt").write_text(proc.stderr)
+        print(f"  FAILED ({proc.returncode}); see {cell_dir / 'stderr.txt'}", flush=True)
+        return None
+    result = {"name": name, "command": "losa " + " ".join(argv), **json.loads((cell_dir / "proc.json").read_text())}
+    report = json.loads((model_out / "report.json").read_text())
+    result["report"] = {k: report[k] for k in ("settings", "metrics", "timings_s", "overall_sparsity", "environment") if k in report}
+    for key in ("steps", "trainable_parameters", "merged_density"):
+        if key in report:
+            result["report"][key] = report[key]
+    if argv[0] == "prune":
+        ev = subprocess.run([python, "-m", "losa.cli", "eval", "--model", str(model_out), "--data",
+                             argv[argv.index("--calib") + 1].replace("calib.txt", "eval.txt"), "--seqlen",
+                             argv[argv.index("--seqlen") + 1], "--json", "-q"], capture_output=True, text=True)
+        if ev.returncode != 0:
+            (cell_dir / "stderr.txt").write_text(ev.stderr)
+            return None
+        result["report"]["metrics"] = {"perplexity": json.loads(ev.stdout)["perplexity"]}
+    # keep the sweep's disk use small: the checkpoints are not needed for the tables
+    for f in model_out.glob("*.safetensors"):
+        f.unlink()
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=str(ROOT / "models" / "reference-llama"))
+    p.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
+    p.add_argument("--out", default=str(ROOT / "bench-out"))
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--train-samples", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", nargs="*", default=None, help="run only cells whose name starts with one of these")
+    p.add_argument("--tables-only", action="store_true")
+    args = p.parse_args()
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    if not args.tables_only:
+        if not (Path(args.corpus) / "eval.txt").exists():
+            subprocess.run([sys.executable, "-m", "losa.reference.corpus", "--out", args.corpus], check=True)
+        # dense reference perplexity
+        dense = out_root / "dense.json"
+        if not dense.exists():
+            ev = subprocess.run([sys.executable, "-m", "losa.cli", "eval", "--model", args.model, "--data",
+                                 f"text:{args.corpus}/eval.txt", "--seqlen", str(args.seqlen), "--json", "-q"],
+                                capture_output=True, text=True, check=True)
+            dense.write_text(ev.stdout)
+        for name, argv in cell_commands(args).items():
+            if args.only and not any(name.startswith(o) for o in args.only):
+                continue
+            run_cell(name, argv, out_root, sys.executable)
+    meta_file = out_root / "meta.json"
+    if args.tables_only and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    else:
+        meta = {"argv": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]),
+                "machine": f"{os.cpu_count()} CPU cores ({_cpu_model()}), no GPU" if not _has_cuda() else f"{_cpu_model()} + CUDA",
+                "args": {k: v for k, v in vars(args).items() if k not in ("only", "tables_only", "out")}}
+        meta_file.write_text(json.dumps(meta))
+    write_benchmarks_md(out_root, ROOT / "BENCHMARKS.md", meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

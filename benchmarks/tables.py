@@ -1,0 +1,108 @@
+"""Assemble BENCHMARKS.md from the sweep results (bench-out/) and the other benchmarks' results
+(benchmarks/results/*.md). Every number in it comes from a file written by a command in this repo."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+INTRO = """# Benchmarks
+
+Every table below is produced by a command in this repository; each section names its command,
+machine and seeds. `make bench` reruns the sweep (resumable, background-friendly) and rewrites this
+file from `bench-out/` and `benchmarks/results/`. Small scale: the models are the project's own
+reference models (see below), not LLaMA-7B, so absolute numbers are not comparable with the paper's;
+the orderings are what we check.
+"""
+
+
+def _load(out_root: Path) -> dict[str, dict]:
+    results = {}
+    for f in sorted(out_root.glob("*/result.json")):
+        r = json.loads(f.read_text())
+        results[r["name"]] = r
+    return results
+
+
+def _ppl(r: dict | None) -> float | None:
+    return None if r is None else r["report"].get("metrics", {}).get("perplexity")
+
+
+def _fmt(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> str:
+    lines = ["## Small-scale reproduction (`make bench`)", ""]
+    lines += [f"Command: `{meta['argv']}` on {meta['machine']}. Settings: {json.dumps(meta['args'])}.",
+              "Perplexity on the reference corpus' evaluation split (non-overlapping windows); lower is better.",
+              "Each cell's exact `losa` command is in `bench-out/<cell>/result.json`.", ""]
+    if dense:
+        lines += [f"Dense reference model: perplexity **{dense['perplexity']:.2f}** over {dense['tokens']:,} tokens.", ""]
+    lines += ["### Table 1 analogue: pruner alone, + LoRA, + LoSA (same fine-tuning token budget)", "",
+              "| pruner | sparsity | pruned | + LoRA | + LoSA | seeds |", "|---|---|---|---|---|---|"]
+    for pruner in ("wanda", "sparsegpt"):
+        for s in ("0.5", "0.6", "0.7"):
+            seeds = sorted({n.split("-s")[1].split("-")[0] for n in results if n.startswith(f"t1-{pruner}-{s}-s")})
+            cols = []
+            for kind in ("pruned", "lora", "losa"):
+                cols.append(_fmt([_ppl(results.get(f"t1-{pruner}-{s}-s{seed}-{kind}")) for seed in seeds]))
+            lines.append(f"| {pruner} | {float(s):.0%} | {' | '.join(cols)} | {','.join(seeds) or '-'} |")
+    lines += ["", "### Ablations at Wanda 70 %", "", "| variant | perplexity |", "|---|---|"]
+    lines.append(f"| LoSA (all three) | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
+    for name, label in (("no-lsr", "w/o LSR"), ("no-sra", "w/o SRA"), ("no-dsa", "w/o DSA"), ("none", "w/o LSR, SRA, DSA"),
+                        ("rank-by-sparsity", "ranks by sparsity rate (not error)"), ("linear", "linear schedule (not cubic)"),
+                        ("sparse-lora", "Sparse LoRA (masked, uniform r = 8, one shot)")):
+        lines.append(f"| {label} | {_fmt([_ppl(results.get('abl-' + name))])} |")
+    lines += ["", "### N:M: 2:4 vs mixed 2:4 (Wanda)", "", "| variant | perplexity |", "|---|---|"]
+    for name, label in (("nm-2of4-pruned", "Wanda 2:4"), ("nm-2of4-losa", "+ LoSA, 2:4"), ("nm-mixed2of4-losa", "+ LoSA, mixed 2:4")):
+        lines.append(f"| {label} | {_fmt([_ppl(results.get(name))])} |")
+    lines += ["", "### Robustness: Wanda at 40-90 %", "", "| sparsity | pruned | + LoSA |", "|---|---|---|"]
+    for s in ("0.4", "0.5", "0.6", "0.7", "0.8", "0.9"):
+        if s in ("0.5", "0.6", "0.7"):
+            pr, lo = results.get(f"t1-wanda-{s}-s0-pruned"), results.get(f"t1-wanda-{s}-s0-losa")
+        else:
+            pr, lo = results.get(f"rob-wanda-{s}-pruned"), results.get(f"rob-wanda-{s}-losa")
+        lines.append(f"| {float(s):.0%} | {_fmt([_ppl(pr)])} | {_fmt([_ppl(lo)])} |")
+    lines += ["", "### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 0, same data)", "",
+              "| method | trainable parameters | training s | total s | peak RSS MiB | perplexity |", "|---|---|---|---|---|---|"]
+    for kind in ("lora", "losa"):
+        r = results.get(f"t1-wanda-0.7-s0-{kind}")
+        if r is None:
+            lines.append(f"| {kind} | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        rep = r["report"]
+        if kind == "losa":
+            train_s = sum(s["training"]["seconds"] for s in rep["steps"])
+            params = f"{rep['trainable_parameters']:,} (last step; {', '.join(str(s['trainable_parameters']) for s in rep['steps'])} by step)"
+        else:
+            train_s = rep["timings_s"].get("lora", 0.0)
+            params = f"{rep['trainable_parameters']:,}"
+        lines.append(f"| {kind} | {params} | {train_s:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {_fmt([_ppl(r)])} |")
+    failed = [n for n in results if _ppl(results[n]) is None]
+    if failed:
+        lines += ["", f"Cells without a perplexity: {', '.join(failed)}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
+    results = _load(out_root)
+    dense_file = out_root / "dense.json"
+    dense = json.loads(dense_file.read_text()) if dense_file.exists() else None
+    parts = [INTRO]
+    results_dir = Path(__file__).resolve().parent / "results"
+    for name in ("reference_model.md", "pruning_peers.md", "adapter_step.md"):
+        f = results_dir / name
+        if f.exists():
+            parts.append(f.read_text().strip() + "\n")
+    if results:
+        parts.append(sweep_tables(results, dense, meta))
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(target)
