@@ -256,3 +256,23 @@ print("legacy", compressed_tensors.__version__, type(compressor.sparsity_compres
     done = subprocess.run([sys.executable, "-c", script, str(src), str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "legacy 0." in done.stdout
+
+
+def test_losa_refuses_to_load_an_export(tmp_path, model_dirs):
+    """transformers would silently load the compressed layers as random weights."""
+    from losa.checkpoint import load_model
+    from losa.errors import ModelError
+    from losa.export import export_compressed
+
+    from losa.pruning.patterns import Pattern
+    from losa.pruning.sequential import prune_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    prune_model(model, None, method="magnitude", pattern=Pattern.unstructured(0.5))
+    src = tmp_path / "sparse"
+    model.save_pretrained(src)
+    AutoTokenizer.from_pretrained(model_dirs["llama"]).save_pretrained(src)
+    export_compressed(src, tmp_path / "ct")
+    with pytest.raises(ModelError, match="compressed-tensors export"):
+        load_model(tmp_path / "ct")

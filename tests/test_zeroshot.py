@@ -140,3 +140,21 @@ def test_unknown_task_names_and_offline_paper_tasks(tokenizer, task_dir, monkeyp
     with pytest.raises(DataError, match="Hugging Face Hub") as err:
         zero_shot(tiny_model("llama"), ["boolq"], tokenizer=tokenizer, include_path=task_dir)  # reuses the index
     assert "--include-path" in str(err.value)
+
+
+def test_cli_eval_tasks_and_export(tmp_path, task_dir, model_dirs, capsys):
+    """`losa eval --tasks` and `losa export` go through the same functions as the API."""
+    import json as _json
+
+    from losa.cli import main
+
+    assert main(["eval", "--model", str(model_dirs["llama"]), "--tasks", "losa_toy_mc", "--include-path", str(task_dir),
+                 "--limit", "4", "--json", "-q"]) == 0
+    result = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "perplexity" not in result and 0 <= result["zero_shot"]["mean_acc"] <= 1
+    assert main(["eval", "--model", str(model_dirs["llama"]), "--tasks", "no_such_task_xyz", "--include-path", str(task_dir), "-q"]) == 2
+    assert "no_such_task_xyz" in capsys.readouterr().err
+    assert main(["export", "--model", str(model_dirs["llama"]), "--out", str(tmp_path / "ct"), "-q"]) == 0
+    assert (tmp_path / "ct" / "config.json").exists()
+    assert main(["export", "--model", str(model_dirs["llama"]), "--out", str(tmp_path / "ct"), "-q"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -65,6 +65,14 @@ def load_model(
     _check_model_dir(path, allow_pickle)
     config = load_config(path, trust_remote_code)
     architecture_for_type(config.model_type)  # unsupported families fail here, naming the supported ones
+    quantization = getattr(config, "quantization_config", None) or {}
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    sparsity_format = (quantization.get("sparsity_config") or {}).get("format")
+    if sparsity_format:  # transformers would load the compressed layers as random weights
+        raise ModelError(
+            f"{path} is a compressed-tensors export ({sparsity_format}); load the uncompressed checkpoint it was "
+            "exported from instead"
+        )
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise ModelError(

@@ -41,7 +41,13 @@ def _add_prune(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on a text source")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", default="wikitext2", help="text:PATH, jsonl:PATH, wikitext2, c4 (default wikitext2)")
+    p.add_argument("--data", default=None,
+                   help="perplexity data: text:PATH, jsonl:PATH, wikitext2, c4 (default wikitext2 unless --tasks is given)")
+    p.add_argument("--tasks", nargs="?", const="paper", default=None,
+                   help="zero-shot lm-eval tasks, comma separated; bare --tasks = the paper's seven")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--include-path", default=None, help="zero-shot: directory of local lm-eval task YAMLs")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -109,12 +115,25 @@ def finetune_config(args: argparse.Namespace):
     )
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a sparse checkpoint to compressed-tensors (bitmask / 2:4)")
+    p.add_argument("--model", required=True, help="sparse Hugging Face checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="compressed-tensors",
+                   choices=["compressed-tensors", "sparse-bitmask", "sparse-24-bitmask"],
+                   help="compressed-tensors = bitmask, or 2:4 when every layer is 2:4")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="losa", description="Prune LLMs and recover them with LoSA.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
     _add_finetune(sub)
+    _add_export(sub)
     return parser
 
 
@@ -133,16 +152,37 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} (overall sparsity {report['overall_sparsity']:.4f}, {report['timings_s']['prune']:.1f} s pruning)")
         return 0
     if args.command == "eval":
-        config = EvalConfig(
-            model=args.model, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
-            dtype=args.dtype, max_windows=args.max_windows, allow_pickle=args.allow_pickle,
-            trust_remote_code=args.trust_remote_code,
-        )
-        result = api.evaluate(config)
+        result: dict = {}
+        if args.data is not None or args.tasks is None:
+            config = EvalConfig(
+                model=args.model, data=args.data or "wikitext2", seqlen=args.seqlen, batch_size=args.batch_size,
+                device=args.device, dtype=args.dtype, max_windows=args.max_windows, allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code,
+            )
+            result = api.evaluate(config)
+            if not args.json:
+                print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens ({config.data})")
+        if args.tasks is not None:
+            from losa.zeroshot import PAPER_TASKS, zero_shot
+
+            tasks = PAPER_TASKS if args.tasks == "paper" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+            zs = zero_shot(args.model, tasks, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                           limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
+                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+            result["zero_shot"] = zs
+            if not args.json:
+                for name, task in zs["tasks"].items():
+                    print(f"{name:<16} acc {task['acc']:.4f}" + (f"  acc_norm {task['acc_norm']:.4f}" if task.get("acc_norm") is not None else ""))
+                print(f"{'mean':<16} acc {zs['mean_acc']:.4f}")
         if args.json:
             print(json.dumps(result))
-        else:
-            print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens ({config.data})")
+        return 0
+    if args.command == "export":
+        from losa.export import export_compressed
+
+        info = export_compressed(args.model, args.out, format=args.format, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {info['format']}, sparsity {info['global_sparsity']:.4f}, "
+              f"{info['export_bytes']:,} bytes vs {info['dense_bytes']:,} dense ({info['ratio']:.3f}x)")
         return 0
     if args.command == "finetune":
         report = api.finetune(finetune_config(args))
