@@ -90,7 +90,7 @@ def test_gradcheck_one_matmul_path():
     bias = layer.base.bias.detach().clone().requires_grad_(True)
 
     def function(x, bias, A, B):
-        return MaskedLoraFunction.apply(x, None, layer.base.weight, bias, layer.mask, A, B, layer.scale)
+        return MaskedLoraFunction.apply(x, None, layer.base.weight, bias, A, B, layer.scale)
 
     assert torch.autograd.gradcheck(function, (x, bias, A, B))
 
@@ -103,7 +103,7 @@ def test_gradcheck_two_path_form():
     B = layer.lora_B.detach().clone().requires_grad_(True)
 
     def function(x, dropped, A, B):
-        return MaskedLoraFunction.apply(x, dropped, layer.base.weight, None, layer.mask, A, B, layer.scale)
+        return MaskedLoraFunction.apply(x, dropped, layer.base.weight, None, A, B, layer.scale)
 
     assert torch.autograd.gradcheck(function, (x, dropped, A, B))
 
@@ -138,8 +138,16 @@ def test_effective_weight_is_not_saved_for_backward():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x)
-    own = {t.data_ptr() for t in (x, layer.base.weight, layer.mask, layer.lora_A, layer.lora_B)}
+    own = {t.data_ptr() for t in (x, layer.base.weight, layer.lora_A, layer.lora_B)}
     assert saved and all(t.data_ptr() in own for t in saved)
+
+
+def test_no_weight_sized_state_besides_the_base():
+    """A, B are the only added tensors: the mask is read from W, not stored (1 byte per weight)."""
+    layer = adapter(rank=4)
+    assert list(layer.buffers()) == []
+    assert {name for name, _ in layer.named_parameters()} == {"lora_A", "lora_B", "base.weight", "base.bias"}
+    assert torch.equal(layer.mask, layer.base.weight != 0)
 
 
 def test_merge_keeps_exact_zero_pattern_and_output():

@@ -14,6 +14,11 @@ g W_eff, g^T x) against two for unmasked LoRA (x W^T, g W) and five for the auth
 input only, y = x W^T + s drop(x) ((B A) ⊙ M)^T, which cannot be folded into one matmul; when
 training with dropout > 0 the layer runs that exact two-path form (forward x W^T and
 drop(x) Delta^T, backward g W, g Delta and g^T drop(x): five large matmuls).
+
+The mask is not stored: it is read from W's zeros whenever needed (a compare per use, transient).
+A stored bool mask would cost one byte per weight for the whole run, half the size of a bf16 base
+model, while W's zeros are the mask by construction: W is frozen, pruning writes exact zeros, and
+unmerge writes exact zeros off the mask.
 """
 
 import math
@@ -63,21 +68,22 @@ class MaskedLoraFunction(torch.autograd.Function):
     """Autograd function of the masked adapter; saves only tensors that already exist.
 
     Inputs: x (n x in), adapter_input (None: the adapter sees x itself, one-matmul path; else the
-    dropped-out x, two-path form), frozen weight (out x in), bias (out or None), mask (bool,
-    out x in), A (r x in), B (out x r), scale. All floating tensors share one dtype.
+    dropped-out x, two-path form), frozen weight (out x in; its non-zeros are the mask), bias
+    (out or None), A (r x in), B (out x r), scale. All floating tensors share one dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, adapter_input, weight, bias, mask, lora_A, lora_B, scale):
+    def forward(ctx, x, adapter_input, weight, bias, lora_A, lora_B, scale):
+        mask = weight != 0
         if adapter_input is None:
             w_eff = effective_weight(weight, mask, lora_A, lora_B, scale)
             out = torch.mm(x, w_eff.t()) if bias is None else torch.addmm(bias, x, w_eff.t())
             del w_eff
-            ctx.save_for_backward(x, weight, mask, lora_A, lora_B)
+            ctx.save_for_backward(x, weight, lora_A, lora_B)
         else:
             out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
             out.addmm_(adapter_input, masked_delta(lora_A, lora_B, mask, scale).t())
-            ctx.save_for_backward(adapter_input, weight, mask, lora_A, lora_B)
+            ctx.save_for_backward(adapter_input, weight, lora_A, lora_B)
         ctx.two_path = adapter_input is not None
         ctx.scale = scale
         ctx.has_bias = bias is not None
@@ -85,7 +91,8 @@ class MaskedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        adapter_input, weight, mask, lora_A, lora_B = ctx.saved_tensors
+        adapter_input, weight, lora_A, lora_B = ctx.saved_tensors
+        mask = weight != 0
         need = ctx.needs_input_grad
         if need[2]:
             raise RuntimeError("MaskedLoraFunction: the base weight must be frozen (requires_grad False)")
@@ -101,22 +108,22 @@ class MaskedLoraFunction(torch.autograd.Function):
         if ctx.has_bias and need[3]:
             grad_bias = grad_out.sum(0)
         grad_A, grad_B = None, None
-        if need[5] or need[6]:
+        if need[4] or need[5]:
             grad_A, grad_B = masked_factor_grads(
-                grad_out, adapter_input, mask, lora_A, lora_B, scale, need[5], need[6]
+                grad_out, adapter_input, mask, lora_A, lora_B, scale, need[4], need[5]
             )
-        return grad_x, grad_adapter_input, None, grad_bias, None, grad_A, grad_B, None
+        return grad_x, grad_adapter_input, None, grad_bias, grad_A, grad_B, None
 
 
 def masked_lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, lora_A: Tensor, lora_B: Tensor,
-    scale: float, adapter_input: Tensor | None = None,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+    adapter_input: Tensor | None = None,
 ) -> Tensor:
-    """x (W + s (B A) ⊙ M)^T + b for x of any leading dims (adapter_input: see MaskedLoraFunction)."""
+    """x (W + s (B A) ⊙ M)^T + b, M = (W != 0), for x of any leading dims (adapter_input: see MaskedLoraFunction)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     a2 = None if adapter_input is None else adapter_input.reshape(-1, x.shape[-1])
-    out = MaskedLoraFunction.apply(x2, a2, weight, bias, mask, lora_A, lora_B, scale)
+    out = MaskedLoraFunction.apply(x2, a2, weight, bias, lora_A, lora_B, scale)
     return out.reshape(*lead, weight.shape[0])
 
 
@@ -195,8 +202,6 @@ class MaskedLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A = nn.Parameter(lora_A)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        # Not persistent: the mask is a function of the (saved) base weight.
-        self.register_buffer("mask", base.weight.detach() != 0, persistent=False)
         self.merged = False
 
     @property
@@ -208,6 +213,11 @@ class MaskedLoraLinear(nn.Module):
         return self.alpha / self.rank
 
     @property
+    def mask(self) -> Tensor:
+        """M = (W != 0), read from the base weight (merged or not: the delta is zero off M)."""
+        return self.base.weight.detach() != 0
+
+    @property
     def in_features(self) -> int:
         return self.base.in_features
 
@@ -216,12 +226,11 @@ class MaskedLoraLinear(nn.Module):
         return self.base.out_features
 
     def extra_repr(self) -> str:
-        density = self.mask.float().mean().item()
+        density = torch.count_nonzero(self.base.weight).item() / self.base.weight.numel()
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, density={density:.3f}, merged={self.merged}"
 
     def refresh_mask(self) -> None:
-        """M = (W != 0): call after the base weight was pruned."""
-        self.mask = self.base.weight.detach() != 0
+        """M = (W != 0) after the base weight was pruned: nothing to do, M is always read from W."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -241,8 +250,8 @@ class MaskedLoraLinear(nn.Module):
             adapter_input = F.dropout(x, self.dropout, training=True)
         with torch.autocast(device_type, enabled=False):
             return masked_lora_linear(
-                x, weight.to(dtype), bias, self.mask, self.lora_A.to(dtype), self.lora_B.to(dtype),
-                self.scale, adapter_input,
+                x, weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale,
+                adapter_input,
             )
 
     def set_rank(self, rank: int, method: str = "keep") -> None:
@@ -284,17 +293,15 @@ class MaskedLoraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= s (B A) ⊙ M with the CURRENT mask, then exact zeros where M is False.
-
-        The current mask is the stored mask restricted to the non-zeros of the merged weight, so
-        unmerging right after pruning the merged weight (without refresh_mask) is also correct.
+        """W -= s (B A) ⊙ M with the CURRENT mask (the merged weight's non-zeros, so right after
+        pruning the merged weight the pruned entries are left out), then exact zeros where M is False.
         """
         if not self.merged:
             return
         weight = self.base.weight
-        self.mask = self.mask & (weight != 0)
-        delta = masked_delta(self.lora_A.float(), self.lora_B.float(), self.mask, self.scale)
-        weight.copy_(delta.neg_().add_(weight).mul_(self.mask.view(torch.uint8)))
+        mask = self.mask
+        delta = masked_delta(self.lora_A.float(), self.lora_B.float(), mask, self.scale)
+        weight.copy_(delta.neg_().add_(weight).mul_(mask.view(torch.uint8)))
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
