@@ -1,0 +1,154 @@
+"""Tests of the offline corpus (splitting, extraction) and of the committed reference model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from losa.errors import DataError
+from losa.reference import corpus
+from losa.reference.corpus import Document, docstrings_and_comments, normalize_text, split_documents, split_of
+from losa.reference.train import eval_perplexity, magnitude_prune_, unigram_perplexity
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_MODEL = REPO / "models" / "reference-llama"
+
+
+def synthetic_documents(n: int = 400) -> list[Document]:
+    return [Document(f"doc/{i:04d}.txt", f"text of document {i}\n" * (1 + i % 7)) for i in range(n)]
+
+
+def test_split_is_a_partition_without_overlap():
+    docs = synthetic_documents()
+    splits = split_documents(docs, seed=0)
+    assert set(splits) == set(corpus.SPLIT_FRACTIONS)
+    ids_per_split = [{d.doc_id for d in split} for split in splits.values()]
+    assert sum(len(ids) for ids in ids_per_split) == len(docs)
+    assert set().union(*ids_per_split) == {d.doc_id for d in docs}
+    for i, a in enumerate(ids_per_split):
+        for b in ids_per_split[i + 1 :]:
+            assert not a & b
+
+
+def test_split_is_deterministic_and_independent_of_input_order():
+    docs = synthetic_documents()
+    first = split_documents(docs, seed=3)
+    shuffled = [docs[i] for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(0))]
+    again = split_documents(shuffled, seed=3)
+    assert first == again
+    # each document's split depends on its own id only: adding documents moves nobody
+    bigger = split_documents(docs + [Document("extra/a", "new"), Document("extra/b", "new")], seed=3)
+    for name in first:
+        assert [d for d in bigger[name] if not d.doc_id.startswith("extra/")] == first[name]
+
+
+def test_split_depends_on_seed_and_follows_fractions():
+    docs = synthetic_documents(4000)
+    a = {d.doc_id: split_of(d.doc_id, 0) for d in docs}
+    b = {d.doc_id: split_of(d.doc_id, 1) for d in docs}
+    assert sum(a[i] != b[i] for i in a) > 0.2 * len(docs)
+    splits = split_documents(docs, seed=0)
+    for name, fraction in corpus.SPLIT_FRACTIONS.items():
+        observed = len(splits[name]) / len(docs)
+        # binomial standard deviation is at most 0.008 for n=4000: 5 sigma
+        assert abs(observed - fraction) < 0.04, (name, observed)
+
+
+def test_split_rejects_duplicate_ids_and_bad_fractions():
+    with pytest.raises(DataError, match="duplicate"):
+        split_documents([Document("a", "x"), Document("a", "y")], seed=0)
+    with pytest.raises(DataError, match="sum to 1"):
+        split_documents([Document("a", "x")], seed=0, fractions={"train": 0.5, "eval": 0.4})
+
+
+def test_normalize_text():
+    assert normalize_text("a  \r\nb\t\n\n\n\nc\n\n") == "a\nb\n\nc"
+
+
+def test_docstrings_and_comments_in_source_order():
+    source = '''"""Module doc."""
+# first comment
+# continues
+def f():
+    """Function doc."""
+    x = 1  # trailing remark
+    return x
+
+class C:
+    """Class doc."""
+'''
+    text = docstrings_and_comments(source)
+    assert text == "Module doc.\n\nfirst comment\ncontinues\n\nFunction doc.\n\ntrailing remark\n\nClass doc."
+
+
+def test_missing_apt_raises_data_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(DataError, match="--deb-dir"):
+        corpus.fetch_debian_package("python3.11-doc", tmp_path)
+
+
+def test_unigram_perplexity_matches_brute_force():
+    train = torch.tensor([0, 0, 1, 2, 2, 2])
+    held_out = torch.tensor([0, 2, 3])
+    vocab = 4
+    counts = [2 + 1, 1 + 1, 3 + 1, 0 + 1]  # add-one smoothing
+    probs = [c / sum(counts) for c in counts]
+    expected = math.exp(-sum(math.log(probs[t]) for t in held_out.tolist()) / len(held_out))
+    assert unigram_perplexity(train, held_out, vocab) == pytest.approx(expected, rel=1e-9)
+
+
+def tiny_llama(vocab_size: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_eval_perplexity_uses_non_overlapping_windows():
+    model = tiny_llama()
+    ids = torch.randint(0, 32, (3 * 8 + 5,), generator=torch.Generator().manual_seed(0))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(3):  # brute force: each window alone, the ragged tail of 5 dropped
+            window = ids[w * 8 : (w + 1) * 8]
+            logits = model(input_ids=window[None]).logits[0]
+            log_probs = logits.log_softmax(-1)
+            nll -= sum(log_probs[i, window[i + 1]].item() for i in range(7))
+            count += 7
+    assert eval_perplexity(model, ids, seq_len=8, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_magnitude_prune_hits_the_sparsity_and_keeps_the_largest():
+    model = tiny_llama()
+    proj = model.model.layers[0].mlp.down_proj.weight
+    original = proj.detach().clone()
+    magnitude_prune_(model, 0.7)
+    for module in model.model.layers[0].modules():
+        if isinstance(module, torch.nn.Linear):
+            assert (module.weight == 0).float().mean().item() == pytest.approx(0.7, abs=0.02)
+    kept = proj != 0
+    assert original.abs()[kept].min() >= original.abs()[~kept].max()
+
+
+def test_reference_model_loads_with_plain_transformers():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (REFERENCE_MODEL / "model.safetensors").is_file(), "models/reference-llama is committed"
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL, dtype=torch.float32).eval()
+    assert model.config.model_type == "llama"
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(tokenizer, name) is not None
+    ids = tokenizer("The list type supports slicing.", return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0]) == "The list type supports slicing."
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
