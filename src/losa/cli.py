@@ -127,6 +127,16 @@ def _add_export(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline (prune, fine-tune, evaluate, export) from one YAML file")
+    p.add_argument("config", help="YAML run configuration (see examples/configs/)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set prune.sparsity=0.6 (repeatable)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="losa", description="Prune LLMs and recover them with LoSA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_finetune(sub)
     _add_export(sub)
+    _add_run(sub)
     return parser
 
 
@@ -177,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         return 0
+    if args.command == "run":
+        from losa.runconfig import run_main
+
+        return run_main(args.config, dry_run=args.dry_run, overrides=args.overrides)
     if args.command == "export":
         from losa.export import export_compressed
 
