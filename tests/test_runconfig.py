@@ -43,6 +43,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_logging():
+    """losa.cli.main configures logging to the (captured) stderr; put the root logger back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(text, encoding="utf-8")
@@ -63,14 +75,15 @@ def test_there_are_the_documented_examples():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_loads_and_its_dry_run_round_trips(path, capsys):
+def test_every_example_loads_and_its_dry_run_round_trips(path, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples' relative out: must not appear
     assert run_main(str(path), dry_run=True) == 0
     printed = capsys.readouterr().out
     config = load_run_config(path)
     assert parse_yaml(printed) == resolve(config)
     # the printed configuration is itself a valid config that resolves to the same thing
     assert resolve(run_config_from_dict(parse_yaml(printed))) == resolve(config)
-    assert not Path(config.out).exists()  # a dry run writes nothing
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
 def test_llama2_example_is_exactly_the_paper_defaults():
@@ -208,7 +221,10 @@ BAD = [
      r"evaluate\.zero_shot\.tasks: must be a list of strings, got 'boolq'"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: 5\n",
      r"bad\.yaml:4:1: finetune: must be a mapping of its settings, \{\} for the defaults, or null to skip it, got 5"),
-    ("model: m\nout: o\nprune: {sparsity: 0.5}\nevaluate: [perplexity]\n", r"evaluate: must be a mapping"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\nevaluate: [perplexity]\n",
+     r"evaluate: must be a mapping with perplexity: and/or zero_shot: \(or null to skip them\), got \['perplexity'\]"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\ncalibration: 128\n",
+     r"calibration: must be a mapping of its settings \(or null for the defaults\), got 128"),
     # out-of-range values, named by their YAML key
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune:\n  steps: -1\n",
      r"bad\.yaml:5:3: finetune\.steps: must be a positive integer, got -1$"),
@@ -352,7 +368,7 @@ NUMBERS = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["prune", "finetune"]), sparsity=st.none() | NUMBERS, pattern=st.none() | NUMBERS,
        nsamples=st.none() | NUMBERS, seqlen=st.none() | NUMBERS, method=st.none() | st.sampled_from(["wanda", "sparsegpt", "magnitude", "lora", "x"]))
-def test_cli_bad_input_exits_2_without_a_traceback(tmp_path, capsys, command, sparsity, pattern, nsamples, seqlen, method):
+def test_cli_bad_input_exits_2_without_a_traceback(tmp_path, capsys, restore_logging, command, sparsity, pattern, nsamples, seqlen, method):
     """Fuzz numeric flags through ``losa.cli.main`` with a model that does not exist: every outcome is exit 2."""
     argv = [command, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]
     for flag, value in (("--sparsity", sparsity), ("--pattern", pattern), ("--nsamples", nsamples), ("--seqlen", seqlen),
@@ -451,7 +467,7 @@ def test_run_finetune_goes_through_finetune_config(tmp_path, model_dirs, text_fi
     assert summary["finetune"] == {"overall_sparsity": 0.5, "steps": []}
 
 
-def test_cli_run_subcommand_when_wired(tmp_path, capsys):
+def test_cli_run_subcommand_when_wired(tmp_path, capsys, restore_logging):
     """Once the lead adds ``losa run`` to the CLI: a dry run prints the resolved YAML, bad input exits 2."""
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     if "run" not in sub.choices:

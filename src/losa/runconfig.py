@@ -293,6 +293,7 @@ def apply_overrides(data, overrides: Sequence[str], source: str = "--set"):
             if not isinstance(node, dict):
                 raise ConfigError(f"{source} {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
         node[parts[-1]] = value
+        getattr(node, "marks", {}).pop(parts[-1], None)  # its line in the file no longer applies
     return data
 
 
@@ -391,8 +392,12 @@ def _walk(data, path: str, ctx: _Context, out: dict[str, dict | None]) -> None:
             out[sub] = None  # omitted or null
             continue
         if not isinstance(value, Mapping):
-            use = "a mapping of its settings, {} for the defaults, or null to skip it" if sub in STAGES else \
-                "a mapping of its settings (or null for the defaults)"
+            if sub in STAGES:
+                use = "a mapping of its settings, {} for the defaults, or null to skip it"
+            elif subsections(sub):
+                use = f"a mapping with {' and/or '.join(k + ':' for k in subsections(sub))} (or null to skip them)"
+            else:
+                use = "a mapping of its settings (or null for the defaults)"
             raise ctx.error(path, name, f"must be {use}, got {_show(value)}")
         _walk(value, sub, ctx, out)
 
