@@ -320,7 +320,7 @@ NESTED = st.recursive(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.dictionaries(st.sampled_from(KNOWN) | st.text(max_size=6), NESTED, max_size=8) | YAML_VALUES)
 def test_random_nested_configs_give_a_config_error_or_a_valid_config(data):
     try:
@@ -365,7 +365,7 @@ NUMBERS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["prune", "finetune"]), sparsity=st.none() | NUMBERS, pattern=st.none() | NUMBERS,
        nsamples=st.none() | NUMBERS, seqlen=st.none() | NUMBERS, method=st.none() | st.sampled_from(["wanda", "sparsegpt", "magnitude", "lora", "x"]))
 def test_cli_bad_input_exits_2_without_a_traceback(tmp_path, capsys, restore_logging, command, sparsity, pattern, nsamples, seqlen, method):
@@ -465,6 +465,29 @@ def test_run_finetune_goes_through_finetune_config(tmp_path, model_dirs, text_fi
         losa=LosaConfig(steps=3), training=TrainConfig(batch_size=4),
     )
     assert summary["finetune"] == {"overall_sparsity": 0.5, "steps": []}
+
+
+def test_run_evaluates_the_lora_baseline_with_its_unmerged_adapter(tmp_path, model_dirs, text_file):
+    """LoRA is saved as sparse base + adapter: the run's metrics must include the adapter."""
+    from peft import PeftModel
+
+    from losa import api
+    from losa.checkpoint import load_model
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(tiny_run_yaml(model_dirs["llama"], text_file, out) + (
+        f"finetune: {{method: lora, data: 'text:{text_file}', samples: 24, seqlen: 32, dropout: 0.0,\n"
+        "           training: {batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, warmup_ratio: 0.0}}\n"))
+    summary = runconfig.run(load_run_config(cfg))
+    assert (out / "model" / "lora-adapter").is_dir() and "evaluated" in summary
+    eval_cfg = EvalConfig(model=str(out / "model"), data=f"text:{text_file.with_name('eval.txt')}", seqlen=32)
+    base, tokenizer = load_model(out / "model")
+    base_only = api.evaluate(eval_cfg, model=base, tokenizer=tokenizer)["perplexity"]
+    with_adapter = api.evaluate(eval_cfg, model=PeftModel.from_pretrained(base, str(out / "model" / "lora-adapter")),
+                                tokenizer=tokenizer)["perplexity"]
+    assert summary["metrics"]["perplexity"]["perplexity"] == pytest.approx(with_adapter, rel=1e-6)
+    assert abs(with_adapter - base_only) > 1e-3 * base_only  # the adapter was trained and matters
 
 
 def test_cli_run_subcommand_when_wired(tmp_path, capsys, restore_logging):

@@ -30,8 +30,10 @@ reads them as the string "2e-4" and the base-60 integer 124).
 
 The run writes ``out/model`` (the pruned / fine-tuned checkpoint, with its own report.json),
 ``out/compressed`` (the export, if asked), ``out/config.yaml`` (the resolved configuration) and
-``out/report.json`` (one summary of every stage). Bad input raises ``ConfigError`` (one line,
-naming the file, line, section and key) before anything is loaded.
+``out/report.json`` (one summary of every stage). The LoRA baseline is saved as the sparse base plus
+its unmerged adapter (``model/lora-adapter``): it is evaluated with the adapter, and exported without.
+Bad input raises ``ConfigError`` (one line, naming the file, line, section and key) before anything
+is loaded.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 _ZERO_SHOT = inspect.signature(zero_shot).parameters
 _EXPORT = inspect.signature(export_compressed).parameters
 MODEL_SUBDIR, EXPORT_SUBDIR = "model", "compressed"
+LORA_ADAPTER_SUBDIR = "lora-adapter"  # where api.finetune keeps the unmerged LoRA baseline's adapter
 
 
 # ---------------------------------------------------------------- the typed configuration tree
@@ -562,6 +565,26 @@ def _check_inputs(config: RunConfig) -> None:
         resolve_task_manager(config.zero_shot.tasks, config.zero_shot.include_path)
 
 
+def _evaluation_model(config: RunConfig):
+    """(model, tokenizer) to evaluate in memory, or (None, None) to evaluate ``out/model`` from disk.
+
+    The LoRA baseline is saved as the sparse base plus its unmerged adapter beside it (merging
+    would destroy the sparsity); evaluating the base alone would drop what LoRA learned.
+    """
+    adapter = config.model_dir / LORA_ADAPTER_SUBDIR
+    if config.finetune is None or config.finetune.method != "lora" or not adapter.is_dir():
+        return None, None
+    from peft import PeftModel
+
+    from losa.checkpoint import load_model
+
+    model, tokenizer = load_model(config.model_dir, dtype=config.prune.dtype, device=config.prune.device,
+                                  trust_remote_code=config.prune.trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter)).to(config.prune.device)
+    model.eval()
+    return model, tokenizer
+
+
 def _stage_summary(report: dict) -> dict:
     """An API report without what the summary has elsewhere (settings, environment, per-layer rows)."""
     return {k: v for k, v in report.items() if k not in ("settings", "environment", "layers", "command")}
@@ -594,22 +617,28 @@ def run(config: RunConfig) -> dict:
         extra["prune"] = _stage_summary(report)
     extra["overall_sparsity"] = report["overall_sparsity"]
     metrics: dict = {}
+    model, tokenizer = _evaluation_model(config) if config.perplexity or config.zero_shot else (None, None)
+    if model is not None:
+        extra["evaluated"] = f"{config.model_dir} with the unmerged LoRA adapter in {LORA_ADAPTER_SUBDIR}/"
     if config.perplexity is not None:
         with timer("perplexity"):
-            metrics["perplexity"] = api.evaluate(config.perplexity)
+            metrics["perplexity"] = api.evaluate(config.perplexity, model=model, tokenizer=tokenizer)
     if config.zero_shot is not None:
         zs = config.zero_shot
         with timer("zero_shot"):
             metrics["zero_shot"] = zero_shot(
-                config.model_dir, zs.tasks, batch_size=zs.batch_size, device=config.prune.device, limit=zs.limit,
-                num_fewshot=zs.num_fewshot, include_path=zs.include_path, dtype=config.prune.dtype,
-                trust_remote_code=config.prune.trust_remote_code,
+                config.model_dir if model is None else model, zs.tasks, tokenizer=tokenizer, batch_size=zs.batch_size,
+                device=config.prune.device, limit=zs.limit, num_fewshot=zs.num_fewshot, include_path=zs.include_path,
+                dtype=config.prune.dtype, trust_remote_code=config.prune.trust_remote_code,
             )
+    del model
     if config.export is not None:
         with timer("export"):
             extra["export"] = _stage_summary(
                 export_compressed(config.model_dir, config.export_dir, config.export.format, overwrite=config.prune.overwrite)
             )
+        if (config.model_dir / LORA_ADAPTER_SUBDIR).is_dir():
+            extra["export"]["note"] = f"the sparse base only: the unmerged LoRA adapter stays in {LORA_ADAPTER_SUBDIR}/"
     elif config.export_dir.exists():  # overwrite: an export of the replaced model would not match it
         shutil.rmtree(config.export_dir)
     summary = Report("run", resolved, metrics=metrics, timings=timer.seconds, extra=extra).as_dict()
