@@ -127,3 +127,25 @@ def test_cli_input_errors_are_one_line(tmp_path, model_dirs, text_file):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
     r = _cli("eval", "--model", str(model_dirs["llama"]), "--data", "wikitext2", "--seqlen", "32")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "text:PATH" in r.stderr
+
+
+def test_windows_longer_than_the_context_are_refused(tmp_path, model_dirs, text_file):
+    with pytest.raises(ModelError, match="context length of 128"):
+        api.prune(PruneConfig(model=str(model_dirs["opt"]), out=str(tmp_path / "o"), sparsity=0.5,
+                              calib=f"text:{text_file}", nsamples=2, seqlen=256))
+    with pytest.raises(ModelError, match="context length"):
+        api.evaluate(EvalConfig(model=str(model_dirs["llama"]), data=f"text:{text_file}", seqlen=1024))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, model_dirs, monkeypatch):
+    import tempfile as _tempfile
+
+    from losa.checkpoint import check_output_dir
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(_tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(OutputError, match="read-only"):
+        check_output_dir(tmp_path / "out", overwrite=False)

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from losa.checkpoint import atomic_output_dir, check_output_dir, load_model, save_pretrained, write_json_atomic
+from losa.checkpoint import (atomic_output_dir, check_context_length, check_output_dir, load_model, save_pretrained,
+                             write_json_atomic)
 from losa.config import EvalConfig, PruneConfig
 from losa.data import calibration_ids, evaluation_ids
 from losa.perplexity import perplexity
@@ -27,6 +28,7 @@ def prune(config: PruneConfig) -> dict:
             config.model, dtype=config.dtype, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
         )
     calib = None
+    check_context_length(model, config.seqlen)
     if make_pruner(config.method, 8).needs_inputs:
         with timer("calibration_data"):
             calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
@@ -56,6 +58,7 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
                 config.model, dtype=config.dtype, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
             )
         model.to(config.device)
+    check_context_length(model, config.seqlen)
     with timer("data"):
         windows = evaluation_ids(tokenizer, config.data, config.seqlen)
         if config.max_windows is not None:
@@ -96,6 +99,8 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     with timer("load"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, allow_pickle=config.allow_pickle,
                                       trust_remote_code=config.trust_remote_code)
+    check_context_length(model, config.seqlen)
+    check_context_length(model, config.train_seqlen, "--train-seqlen")
     with timer("data"):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
         samples = training_samples(tokenizer, config.train, config.train_samples, config.train_seqlen, config.seed)

@@ -114,9 +114,19 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"cannot write to {existing} (read-only or no permission); choose another --out")
+    try:  # a real write catches read-only file systems too (os.access does not, for root)
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".losa-write-probe-")
+        probe.close()
+    except OSError:
+        raise OutputError(f"cannot write to {existing} (read-only or no permission); choose another --out") from None
     return out
+
+
+def check_context_length(model, seqlen: int, what: str = "--seqlen") -> None:
+    """Windows longer than the model's context give garbage (rotary) or crash (learned positions)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ModelError(f"{what} {seqlen} exceeds the model's context length of {limit} tokens; lower {what}")
 
 
 @contextlib.contextmanager
