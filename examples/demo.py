@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--train-samples", type=int, default=400)
+    p.add_argument("--eval-windows", type=int, default=256, help="evaluation windows, spread over the eval split")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
@@ -42,7 +43,8 @@ def main() -> int:
     rows = []
 
     def evaluate(model: str) -> float:
-        return api.evaluate(EvalConfig(model=model, data=evaluation, seqlen=args.seqlen, device=args.device))["perplexity"]
+        return api.evaluate(EvalConfig(model=model, data=evaluation, seqlen=args.seqlen, device=args.device, batch_size=16,
+                                       max_windows=args.eval_windows))["perplexity"]
 
     start = time.perf_counter()
     rows.append(("dense", evaluate(args.model), 0.0, time.perf_counter() - start))
@@ -56,7 +58,7 @@ def main() -> int:
     losa = api.finetune(FinetuneConfig(
         model=args.model, out=str(out / "losa"), method="losa", pruner="wanda", sparsity=args.sparsity, calib=calib,
         nsamples=args.nsamples, seqlen=args.seqlen, train=train, train_samples=args.train_samples,
-        train_seqlen=args.seqlen, eval=evaluation, device=args.device, overwrite=True,
+        train_seqlen=args.seqlen, eval=evaluation, eval_max_windows=args.eval_windows, device=args.device, overwrite=True,
         losa=LosaConfig(lsr_samples=min(64, args.nsamples))))
     rows.append((f"Wanda {args.sparsity:.0%} + LoSA", losa["metrics"]["perplexity"], losa["overall_sparsity"], time.perf_counter() - start))
 

@@ -61,8 +61,9 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
     check_context_length(model, config.seqlen)
     with timer("data"):
         windows = evaluation_ids(tokenizer, config.data, config.seqlen)
-        if config.max_windows is not None:
-            windows = windows[: config.max_windows]
+        if config.max_windows is not None and config.max_windows < windows.shape[0]:
+            # evenly spread over the whole text, so a quick estimate is not biased to its beginning
+            windows = windows[torch.linspace(0, windows.shape[0] - 1, config.max_windows).round().long()]
     with timer("perplexity"):
         result = perplexity(model, windows, batch_size=config.batch_size, device=config.device)
     result.update(data=config.data, seqlen=config.seqlen, model=str(config.model), timings_s=timer.seconds)
@@ -134,7 +135,7 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     if config.eval:
         with timer("eval"):
             ev = evaluate(EvalConfig(model=config.model, data=config.eval, seqlen=config.eval_seqlen or config.seqlen,
-                                     device=config.device), model=model, tokenizer=tokenizer)
+                                     device=config.device, max_windows=config.eval_max_windows), model=model, tokenizer=tokenizer)
         report.metrics["perplexity"] = ev["perplexity"]
         report.metrics["eval_tokens"] = ev["tokens"]
     if config.out is not None:

@@ -50,7 +50,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--include-path", default=None, help="zero-shot: directory of local lm-eval task YAMLs")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate N windows spread evenly over the text")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(p)
 
@@ -90,6 +90,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
     p.add_argument("--eval", default=None, help="evaluate perplexity on this data after fine-tuning")
     p.add_argument("--eval-seqlen", type=int, default=None)
+    p.add_argument("--eval-max-windows", type=int, default=None, help="evaluate N evenly spread windows only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
     p.add_argument("--out", required=True)
@@ -105,6 +106,7 @@ def finetune_config(args: argparse.Namespace):
         model=args.model, out=args.out, method=args.method, pruner=args.pruner, sparsity=args.sparsity,
         pattern=args.pattern, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, train=args.train,
         train_samples=args.train_samples, train_seqlen=args.train_seqlen, eval=args.eval, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.eval_max_windows,
         seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite,
         resume=not args.restart, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         losa=LosaConfig(steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule,

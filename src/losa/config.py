@@ -67,7 +67,7 @@ class EvalConfig:
     batch_size: int = 4
     device: str = "cpu"
     dtype: str = "float32"
-    max_windows: int | None = None  # evaluate only the first N windows (quick checks)
+    max_windows: int | None = None  # evaluate N windows spread evenly over the text (quick checks)
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -177,6 +177,7 @@ class FinetuneConfig:
     train_seqlen: int = 1024
     eval: str | None = None  # perplexity data evaluated on the result (None: skip)
     eval_seqlen: int | None = None  # default: seqlen
+    eval_max_windows: int | None = None  # evaluate on this many evenly spread windows (quick runs)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"

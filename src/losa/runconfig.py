@@ -159,7 +159,7 @@ STAGES = ("finetune", "evaluate.perplexity", "evaluate.zero_shot", "export")
 # Fields that the run sets itself rather than reading them from the file.
 SET_BY_RUN = {
     PruneConfig: {"out"},  # out/model
-    FinetuneConfig: {"out", "eval", "eval_seqlen", "losa", "training"},  # evaluation is its own stage
+    FinetuneConfig: {"out", "eval", "eval_seqlen", "eval_max_windows", "losa", "training"},  # evaluation is its own stage
     EvalConfig: {"model", "device", "dtype", "allow_pickle", "trust_remote_code"},  # out/model, top level
 }
 # Top-level keys shared by every stage's configuration.

@@ -23,7 +23,7 @@ from losa.checkpoint import write_json_atomic
 from losa.errors import ConfigError
 
 # settings that do not change the result of a run (a resumed run may change them)
-_NOT_FINGERPRINTED = ("out", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen")
+_NOT_FINGERPRINTED = ("out", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen", "eval_max_windows")
 
 
 def fingerprint(settings: dict) -> dict:
