@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench corpus reference-model clean
 
 $(BIN)/losa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# the offline corpus (Debian's Python / Perl docs + stdlib docstrings), built into data/corpus
+corpus: install
+	$(BIN)/python -m losa.reference.corpus --out data/corpus
+
+# retrain the committed reference model (about 45 min on 2 CPU cores)
+reference-model: corpus
+	$(BIN)/python -m losa.reference.train --corpus data/corpus --out models/reference-llama
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

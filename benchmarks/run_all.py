@@ -27,7 +27,7 @@ def cell_commands(args) -> dict[str, list[str]]:
     """Cell name -> losa argv. Budgets are identical for LoRA and LoSA (same samples x seqlen)."""
     c = args.corpus
     data = ["--calib", f"text:{c}/calib.txt", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    ev = ["--eval", f"text:{c}/eval.txt", "--eval-seqlen", str(args.seqlen)]
+    ev = ["--eval", f"text:{c}/eval.txt", "--eval-seqlen", str(args.seqlen), "--eval-max-windows", str(args.eval_windows)]
     train = ["--train", f"text:{c}/finetune.txt", "--train-samples", str(args.train_samples),
              "--train-seqlen", str(args.seqlen), "--lsr-samples", str(min(args.nsamples, 64)), "--sra-samples", "16"]
     cells: dict[str, list[str]] = {}
@@ -39,20 +39,24 @@ def cell_commands(args) -> dict[str, list[str]]:
         cells[name] = ["finetune", "--model", args.model, "--method", method, "--pruner", pruner, *target, *data,
                        *train, *ev, "--seed", str(seed), *extra]
 
-    for pruner in ("wanda", "sparsegpt"):
-        for s in ("0.5", "0.6", "0.7"):
-            seeds = args.seeds if s == "0.7" else [0]
+    def table1(sparsities, seeds):
+        for s in sparsities:
             for seed in seeds:
-                tag = f"{pruner}-{s}-s{seed}"
-                prune(f"t1-{tag}-pruned", pruner, ["--sparsity", s], seed)
-                ft(f"t1-{tag}-lora", "lora", pruner, ["--sparsity", s], seed=seed)
-                ft(f"t1-{tag}-losa", "losa", pruner, ["--sparsity", s], seed=seed)
+                for pruner in ("wanda", "sparsegpt"):
+                    tag = f"{pruner}-{s}-s{seed}"
+                    prune(f"t1-{tag}-pruned", pruner, ["--sparsity", s], seed)
+                    ft(f"t1-{tag}-lora", "lora", pruner, ["--sparsity", s], seed=seed)
+                    ft(f"t1-{tag}-losa", "losa", pruner, ["--sparsity", s], seed=seed)
+
+    # in priority order: an interrupted sweep has the most important cells first
+    table1(["0.7"], args.seeds)
     w70 = ("wanda", ["--sparsity", "0.7"])
     for name, flags in {"no-lsr": ["--no-lsr"], "no-sra": ["--no-sra"], "no-dsa": ["--no-dsa"],
                         "none": ["--no-lsr", "--no-sra", "--no-dsa"], "rank-by-sparsity": ["--rank-by", "sparsity"],
                         "linear": ["--schedule", "linear"]}.items():
         ft(f"abl-{name}", "losa", *w70, flags)
     ft("abl-sparse-lora", "sparse-lora", *w70)
+    table1(["0.5", "0.6"], [0])
     prune("nm-2of4-pruned", "wanda", ["--pattern", "2:4"])
     ft("nm-2of4-losa", "losa", "wanda", ["--pattern", "2:4"])
     ft("nm-mixed2of4-losa", "losa", "wanda", ["--pattern", "2:4"], ["--mixed-nm"])
@@ -62,7 +66,7 @@ def cell_commands(args) -> dict[str, list[str]]:
     return cells
 
 
-def run_cell(name: str, argv: list[str], out_root: Path, python: str) -> dict | None:
+def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int) -> dict | None:
     cell_dir = out_root / name
     result_file = cell_dir / "result.json"
     if result_file.exists():
@@ -86,7 +90,8 @@ def run_cell(name: str, argv: list[str], out_root: Path, python: str) -> dict | 
     if argv[0] == "prune":
         ev = subprocess.run([python, "-m", "losa.cli", "eval", "--model", str(model_out), "--data",
                              argv[argv.index("--calib") + 1].replace("calib.txt", "eval.txt"), "--seqlen",
-                             argv[argv.index("--seqlen") + 1], "--json", "-q"], capture_output=True, text=True)
+                             argv[argv.index("--seqlen") + 1], "--max-windows", str(eval_windows), "--batch-size", "16",
+                             "--json", "-q"], capture_output=True, text=True)
         if ev.returncode != 0:
             (cell_dir / "stderr.txt").write_text(ev.stderr)
             return None
@@ -123,6 +128,7 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--train-samples", type=int, default=400)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--eval-windows", type=int, default=256, help="evaluation windows, evenly spread over the eval split")
     p.add_argument("--only", nargs="*", default=None, help="run only cells whose name starts with one of these")
     p.add_argument("--tables-only", action="store_true")
     args = p.parse_args()
@@ -135,13 +141,14 @@ def main() -> int:
         dense = out_root / "dense.json"
         if not dense.exists():
             ev = subprocess.run([sys.executable, "-m", "losa.cli", "eval", "--model", args.model, "--data",
-                                 f"text:{args.corpus}/eval.txt", "--seqlen", str(args.seqlen), "--json", "-q"],
+                                 f"text:{args.corpus}/eval.txt", "--seqlen", str(args.seqlen), "--max-windows",
+                                 str(args.eval_windows), "--batch-size", "16", "--json", "-q"],
                                 capture_output=True, text=True, check=True)
             dense.write_text(ev.stdout)
         for name, argv in cell_commands(args).items():
             if args.only and not any(name.startswith(o) for o in args.only):
                 continue
-            run_cell(name, argv, out_root, sys.executable)
+            run_cell(name, argv, out_root, sys.executable, args.eval_windows)
     meta_file = out_root / "meta.json"
     if args.tables_only and meta_file.exists():
         meta = json.loads(meta_file.read_text())
