@@ -80,6 +80,32 @@ def _optimizer_name(config: TrainConfig, device: str) -> str:
     return "adamw_torch"
 
 
+class _LossBar:
+    """One tqdm bar per training run with the latest loss (instead of a printed dict per step)."""
+
+    def __new__(cls, desc: str):
+        from tqdm.auto import tqdm
+        from transformers import TrainerCallback
+
+        class Bar(TrainerCallback):
+            bar = None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.bar = tqdm(total=state.max_steps, desc=desc, unit="step", leave=False)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.bar.update(state.global_step - self.bar.n)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.bar.close()
+
+        return Bar()
+
+
 class _FiniteLossGuard:
     """Stops training at the first NaN / inf loss (checked at every logged step)."""
 
@@ -111,6 +137,7 @@ def train(
     """Train the model's trainable parameters on ``samples`` with a fresh optimiser and schedule."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if not samples:
         raise DataError("no training samples for this step")
@@ -140,7 +167,9 @@ def train(
             remove_unused_columns=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          callbacks=[_FiniteLossGuard()])
+                          callbacks=[_FiniteLossGuard(), _LossBar(desc)])
+        for noisy in (ProgressCallback, PrinterCallback):  # their per-step dict printing is replaced by _LossBar
+            trainer.remove_callback(noisy)
         start = time.perf_counter()
         model.train()
         trainer.train()
