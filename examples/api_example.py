@@ -36,7 +36,7 @@ def main() -> int:
     small = dict(calib=calib, nsamples=32, seqlen=256, device=args.device, overwrite=True)  # paper: 128 x 2048
 
     def perplexity(model_dir: Path) -> float:
-        """Perplexity of a checkpoint on the held-out corpus split (its first 200 windows of 256 tokens)."""
+        """Perplexity of a checkpoint on the held-out corpus split (200 windows of 256 tokens spread over it)."""
         return api.evaluate(EvalConfig(model=str(model_dir), data=held_out, seqlen=256, max_windows=200,
                                        device=args.device))["perplexity"]
 
