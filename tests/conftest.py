@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny tensors: one thread is faster than two fighting over a shared CPU.
+torch.set_num_threads(1)
+
 WORDS = (
     "the model weight layer sparse prune token data train loss rank block mask value input output "
     "matrix error python function return list dict class module import value index query key and of "

@@ -149,3 +149,25 @@ def test_unwritable_output_is_refused(tmp_path, model_dirs, monkeypatch):
     monkeypatch.setattr(_tempfile, "NamedTemporaryFile", refuse)
     with pytest.raises(OutputError, match="read-only"):
         check_output_dir(tmp_path / "out", overwrite=False)
+
+
+def test_config_rejects_bad_device_dtype_and_training_settings(model_dirs):
+    from losa.config import FinetuneConfig, LosaConfig, TrainConfig
+
+    base = dict(model=str(model_dirs["llama"]), sparsity=0.5)
+    with pytest.raises(ConfigError, match="dtype"):
+        PruneConfig(**base, dtype="float8")
+    with pytest.raises(ConfigError, match="device"):
+        PruneConfig(**base, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            api.evaluate(EvalConfig(model=str(model_dirs["llama"]), device="cuda"))
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        TrainConfig(lr_scheduler="sawtooth")
+    with pytest.raises(ConfigError, match="optim"):
+        TrainConfig(optim="sgd-ish")
+    for bad in (dict(alpha=0), dict(beta=-1), dict(delta=0.7)):
+        with pytest.raises(ConfigError):
+            LosaConfig(**bad)
+    with pytest.raises(ConfigError, match="dtype"):
+        FinetuneConfig(**base, dtype="int4")

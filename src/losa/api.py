@@ -8,7 +8,7 @@ import torch
 
 from losa.checkpoint import (atomic_output_dir, check_context_length, check_output_dir, load_model, save_pretrained,
                              write_json_atomic)
-from losa.config import EvalConfig, PruneConfig
+from losa.config import EvalConfig, PruneConfig, check_device_available
 from losa.data import calibration_ids, evaluation_ids
 from losa.perplexity import perplexity
 from losa.pruning import make_pruner
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def prune(config: PruneConfig) -> dict:
     """Prune a checkpoint one-shot and write it with ``report.json``; returns the report."""
+    check_device_available(config.device)
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)  # fail before the expensive part
     timer = Timer()
@@ -51,6 +52,7 @@ def prune(config: PruneConfig) -> dict:
 
 def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
     """Perplexity of a checkpoint (or of an in-memory model) on ``config.data``."""
+    check_device_available(config.device)
     timer = Timer()
     if model is None:
         with timer("load"):
@@ -94,6 +96,7 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     from losa.state import RunState
     from losa.train import training_samples
 
+    check_device_available(config.device)
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)
     timer = Timer()

@@ -7,6 +7,29 @@ from dataclasses import dataclass, fields
 from losa.errors import ConfigError
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "auto")
+
+
+def _check_device_dtype(obj) -> None:
+    import torch
+
+    if obj.dtype not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {obj.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    try:
+        device = torch.device(obj.device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {obj.device!r}; use cpu, cuda or cuda:N") from None
+    obj.device = str(device)
+
+
+def check_device_available(device: str) -> None:
+    """At run time (a config may be written on a CPU machine for a GPU one)."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+
+
 def _check_positive(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -43,6 +66,7 @@ class PruneConfig:
         _check_positive(self, "nsamples", "seqlen", "batch_size")
         if self.seqlen < 2:
             raise ConfigError("seqlen must be at least 2")
+        _check_device_dtype(self)
 
     def target(self):
         from losa.pruning.patterns import Pattern
@@ -75,6 +99,7 @@ class EvalConfig:
         _check_positive(self, "seqlen", "batch_size")
         if self.max_windows is not None:
             _check_positive(self, "max_windows")
+        _check_device_dtype(self)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,6 +129,15 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ConfigError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {', '.join(schedulers)}")
+        optimizers = ["auto", *(o.value for o in OptimizerNames)]
+        if self.optim not in optimizers:
+            raise ConfigError(f"unknown optim {self.optim!r}; e.g. auto, adamw_torch, paged_adamw_8bit")
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -151,6 +185,12 @@ class LosaConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.lsr_samples < 2:
             raise ConfigError("lsr_samples must be at least 2 (CKA compares samples)")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.beta is not None and not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0 (or null for the pruner's default), got {self.beta!r}")
+        if self.delta is not None and not 0 <= self.delta < 0.5:
+            raise ConfigError(f"delta must be in [0, 0.5) (or null for the paper's table), got {self.delta!r}")
 
     def final_mean_rank(self) -> int:
         return self.r0 + self.steps - 1
@@ -203,6 +243,7 @@ class FinetuneConfig:
         _check_positive(self, "train_samples", "train_seqlen", "batch_size")
         if self.train_seqlen < 2:
             raise ConfigError("train_seqlen must be at least 2")
+        _check_device_dtype(self)
 
     def target(self):
         return PruneConfig(model=self.model, method=self.pruner, sparsity=self.sparsity, pattern=self.pattern).target()

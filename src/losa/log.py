@@ -10,8 +10,15 @@ import warnings
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars off too
+    if quiet:  # progress bars off too (tqdm reads TQDM_DISABLE only at import, so patch the class)
+        from functools import partialmethod
+
+        import tqdm
+        import tqdm.auto
+
+        os.environ["TQDM_DISABLE"] = "1"
+        for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
+            cls.__init__ = partialmethod(cls.__init__, disable=True)
     if not verbose:
         from transformers.utils import logging as hf_logging
 
