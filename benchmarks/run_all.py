@@ -66,7 +66,7 @@ def cell_commands(args) -> dict[str, list[str]]:
     return cells
 
 
-def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int) -> dict | None:
+def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int, threads: int) -> dict | None:
     cell_dir = out_root / name
     result_file = cell_dir / "result.json"
     if result_file.exists():
@@ -76,7 +76,8 @@ def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windo
     argv = [*argv, "--out", str(model_out), "--overwrite", "-q"]
     cmd = [python, str(ROOT / "benchmarks" / "_cell.py"), str(cell_dir / "proc.json"), "--", *argv]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: losa {' '.join(argv)}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         (cell_dir / "stderr.txt").write_text(proc.stderr)
         print(f"  FAILED ({proc.returncode}); see {cell_dir / 'stderr.txt'}", flush=True)
@@ -91,7 +92,7 @@ def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windo
         ev = subprocess.run([python, "-m", "losa.cli", "eval", "--model", str(model_out), "--data",
                              argv[argv.index("--calib") + 1].replace("calib.txt", "eval.txt"), "--seqlen",
                              argv[argv.index("--seqlen") + 1], "--max-windows", str(eval_windows), "--batch-size", "16",
-                             "--json", "-q"], capture_output=True, text=True)
+                             "--json", "-q"], capture_output=True, text=True, env=env)
         if ev.returncode != 0:
             (cell_dir / "stderr.txt").write_text(ev.stderr)
             return None
@@ -131,6 +132,7 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=256, help="evaluation windows, evenly spread over the eval split")
     p.add_argument("--only", nargs="*", default=None, help="run only cells whose name starts with one of these")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--jobs", type=int, default=2, help="cells run in parallel (each with cpu_count / jobs threads)")
     args = p.parse_args()
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -145,10 +147,12 @@ def main() -> int:
                                  str(args.eval_windows), "--batch-size", "16", "--json", "-q"],
                                 capture_output=True, text=True, check=True)
             dense.write_text(ev.stdout)
-        for name, argv in cell_commands(args).items():
-            if args.only and not any(name.startswith(o) for o in args.only):
-                continue
-            run_cell(name, argv, out_root, sys.executable, args.eval_windows)
+        from concurrent.futures import ThreadPoolExecutor
+
+        cells = [(n, a) for n, a in cell_commands(args).items() if not args.only or any(n.startswith(o) for o in args.only)]
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # cells start in priority order
+            list(pool.map(lambda cell: run_cell(*cell, out_root, sys.executable, args.eval_windows, threads), cells))
     meta_file = out_root / "meta.json"
     if args.tables_only and meta_file.exists():
         meta = json.loads(meta_file.read_text())
