@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 from losa.errors import ConfigError
 
@@ -80,7 +80,7 @@ class PruneConfig:
         return Pattern.unstructured(sparsity)
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class EvalConfig:
         _check_device_dtype(self)
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass
@@ -140,7 +140,7 @@ class TrainConfig:
             raise ConfigError(f"unknown optim {self.optim!r}; e.g. auto, adamw_torch, paged_adamw_8bit")
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 FINETUNE_METHODS = ("losa", "lora", "sparse-lora", "ft-then-sparsify")
@@ -196,7 +196,7 @@ class LosaConfig:
         return self.r0 + self.steps - 1
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass
@@ -254,7 +254,4 @@ class FinetuneConfig:
         return 100.0 if self.pruner == "sparsegpt" else 1.0
 
     def as_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("losa", "training")}
-        out["losa"] = self.losa.as_dict()
-        out["training"] = self.training.as_dict()
-        return out
+        return asdict(self)

@@ -10,6 +10,7 @@ def plot_run(records: list[dict], directory: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -20,6 +21,7 @@ def plot_run(records: list[dict], directory: Path) -> list[str]:
             values = rec[key]
             if values:
                 ax.plot(range(len(values)), values, marker="o", ms=3, label=f"step {rec['step']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("block")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
