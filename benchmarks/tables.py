@@ -103,6 +103,9 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
             parts.append(f.read_text().strip() + "\n")
     if results:
         parts.append(sweep_tables(results, dense, meta))
+    analysis = results_dir / "analysis.md"  # the reading of the sweep's numbers, written by hand
+    if analysis.exists():
+        parts.append(analysis.read_text().strip() + "\n")
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n".join(parts))
     tmp.replace(target)
