@@ -63,6 +63,16 @@ def cell_commands(args) -> dict[str, list[str]]:
     for s in ("0.4", "0.8", "0.9"):  # 0.5-0.7 come from table 1
         prune(f"rob-wanda-{s}-pruned", "wanda", ["--sparsity", s])
         ft(f"rob-wanda-{s}-losa", "losa", "wanda", ["--sparsity", s])
+    # investigation of LoRA vs LoSA (run last): the ordering where pruning hurts most, a 3x
+    # fine-tuning budget for both, and LoSA variants (SVD shrinking, no adapter dropout)
+    for s in ("0.8", "0.9"):
+        ft(f"inv-wanda-{s}-lora", "lora", "wanda", ["--sparsity", s])
+    big = ["--train-samples", str(3 * args.train_samples)]
+    ft("inv-budget3x-lora", "lora", *w70, big)
+    ft("inv-budget3x-losa", "losa", *w70, big)
+    ft("inv-shrink-svd-losa", "losa", *w70, ["--shrink", "svd"])
+    ft("inv-dropout0-losa", "losa", *w70, ["--dropout", "0"])
+    ft("inv-dropout0-lora", "lora", *w70, ["--dropout", "0"])
     return cells
 
 

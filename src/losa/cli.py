@@ -83,6 +83,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--no-sra", action="store_true", help="ablation: uniform ranks")
     p.add_argument("--no-dsa", action="store_true", help="ablation: one step at the final sparsity")
     p.add_argument("--mixed-nm", action="store_true", help="N:M patterns: per-block N from the LSR importances")
+    p.add_argument("--shrink", default=lc.shrink, choices=["keep", "svd"],
+                   help="how an adapter shrinks: keep the leading rows (paper) or the best rank-r SVD approximation")
     p.add_argument("--lsr-samples", type=int, default=lc.lsr_samples)
     p.add_argument("--sra-samples", type=int, default=lc.sra_samples)
     p.add_argument("--lr", type=float, default=tc.learning_rate, help=f"learning rate (default {tc.learning_rate})")
@@ -111,7 +113,7 @@ def finetune_config(args: argparse.Namespace):
         resume=not args.restart, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         losa=LosaConfig(steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule,
                         lsr=not args.no_lsr, sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by,
-                        mixed_nm=args.mixed_nm, lsr_samples=args.lsr_samples, sra_samples=args.sra_samples,
+                        mixed_nm=args.mixed_nm, shrink=args.shrink, lsr_samples=args.lsr_samples, sra_samples=args.sra_samples,
                         lora_rank=args.lora_rank),
         training=TrainConfig(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
     )
