@@ -128,8 +128,11 @@ def run_llmc(args, case: Case, ids_file: Path, out: Path, log: Path) -> dict:
         "--out", str(out),
         "--batch-size", str(args.batch_size),
         "--seed", str(args.seed),
+        *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # llm-compressor onloads to any accelerator it sees
     with open(log, "w") as f:
@@ -203,10 +206,10 @@ def markdown_section(args, cases: list[Case], info: dict) -> str:
         + (f", GPU {info['machine']['gpu']}" if info["machine"]["gpu"] else "")
         + f"; load average before / after: {info['load_before']} / {info['load_after']}",
         f"- losa env (.venv): torch {info['losa_versions']['torch']}, transformers {info['losa_versions']['transformers']}, "
-        f"{info['losa_versions']['threads']} torch threads",
+        f"torch threads: {info['losa_versions']['threads']}",
         f"- llm-compressor env (.venv-peers): llmcompressor {info['llmc_versions'].get('llmcompressor')}, "
         f"torch {info['llmc_versions'].get('torch')}, transformers {info['llmc_versions'].get('transformers')}, "
-        f"{info['llmc_threads']} torch threads",
+        f"torch threads: {info['llmc_threads']}",
         "",
         "| method | pattern | losa s | llm-compressor s | time ratio losa/llmc | losa CPU s | llmc CPU s "
         "| losa ppl | llmc ppl | ppl diff % | sparsity losa / llmc |",
@@ -265,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size, both tools (losa's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both tools (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per tool and case (median reported)")
     p.add_argument("--methods", default="wanda,sparsegpt")
     p.add_argument("--targets", default="0.5,2:4", help="comma list of sparsities / N:M patterns")
@@ -290,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = shlex.join([".venv/bin/python", "benchmarks/bench_pruning.py", *(sys.argv[1:] if argv is None else argv)])
 
     import transformers
