@@ -53,6 +53,7 @@ class Case:
     llmc_sparsity: list[float] = field(default_factory=list)
     losa_ppl: float | None = None
     llmc_ppl: float | None = None
+    losa_phases: dict | None = None
 
     @property
     def name(self) -> str:
@@ -114,6 +115,60 @@ def run_losa(args, case: Case, calib_ids: torch.Tensor, out: Path, save: bool) -
         with atomic_output_dir(out, overwrite=True) as tmp:
             save_pretrained(model, tokenizer, tmp)
     return wall, cpu, sparsity
+
+
+PHASES = (
+    "capture block-0 inputs",
+    "statistics pass (dense block, hooks)",
+    "of which statistics accumulation",
+    "layer pruning (masks / OBS)",
+    "propagation pass (pruned block)",
+)
+
+
+def losa_phases(args, case: Case, calib_ids: torch.Tensor) -> dict[str, float]:
+    """Seconds per phase of one losa prune_model run, by wrapping the driver's functions (no source change)."""
+    import contextlib
+    import functools
+
+    import losa.calibration as calibration
+    import losa.pruning as pruners
+    import losa.pruning.sequential as sequential
+    from losa.checkpoint import load_model
+    from losa.pruning.patterns import Pattern
+
+    seconds = dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                seconds[phase] += time.perf_counter() - start
+
+        return wrapper
+
+    targets = [
+        (calibration, "capture_block_inputs", PHASES[0]),
+        (sequential, "run_block", PHASES[1]),  # prune_block's hooked pass
+        (calibration, "run_block", PHASES[4]),  # sequential_pass's propagation
+    ]
+    for cls in (pruners.WandaPruner, pruners.SparseGPTPruner):
+        targets += [(cls, "add_batch", PHASES[2]), (cls, "prune", PHASES[3])]
+    model, _ = load_model(str(args.model))
+    with contextlib.ExitStack() as restore:
+        for owner, name, phase in targets:
+            original = getattr(owner, name)
+            setattr(owner, name, timed(phase, original))
+            restore.callback(setattr, owner, name, original)
+        start = time.perf_counter()
+        torch.manual_seed(args.seed)
+        sequential.prune_model(model, calib_ids, method=case.method, pattern=Pattern.parse(case.target),
+                               device=args.device, batch_size=args.batch_size)  # fmt: skip
+        seconds["total"] = time.perf_counter() - start
+    return seconds
 
 
 def run_llmc(args, case: Case, ids_file: Path, out: Path, log: Path) -> dict:
@@ -233,6 +288,17 @@ def markdown_section(args, cases: list[Case], info: dict) -> str:
             f"llmc {', '.join(f'{t:.2f}' for t in c.llmc_s)} s"
         )
     lines += ["", "Targets (issue): losa time at most 0.7x llm-compressor's, perplexity within 1 %.", "", *verdicts, ""]
+    if all(c.losa_phases for c in cases):
+        lines += [
+            "Where losa's pruning time goes (`--profile`: one extra run per case, wall seconds per phase):",
+            "",
+            "| phase | " + " | ".join(c.name for c in cases) + " |",
+            "|---|" + "---:|" * len(cases),
+        ]
+        for phase in (*PHASES, "total"):
+            label = "&nbsp;&nbsp;" + phase if phase.startswith("of which") else phase
+            lines.append(f"| {label} | " + " | ".join(f"{c.losa_phases[phase]:.2f}" for c in cases) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -273,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per tool and case (median reported)")
     p.add_argument("--methods", default="wanda,sparsegpt")
     p.add_argument("--targets", default="0.5,2:4", help="comma list of sparsities / N:M patterns")
+    p.add_argument("--profile", action="store_true", help="add a per-phase breakdown of losa's pruning time")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default all)")
     p.add_argument("--peers-python", type=Path, default=DEFAULT_PEERS_PYTHON)
     p.add_argument("--workdir", type=Path, default=REPO / "bench-out" / "pruning_peers",
@@ -327,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             llmc_info = res
             print(f"[{rep}] llmc {case.name}: {res['seconds']:.2f} s wall, {res['cpu_seconds']:.2f} s cpu, "
                   f"sparsity {res['sparsity']:.4f}", file=sys.stderr)  # fmt: skip
+
+    if args.profile:
+        for case in cases:
+            case.losa_phases = losa_phases(args, case, calib_ids)
+            print(f"profile {case.name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in case.losa_phases.items()), file=sys.stderr)
 
     dense_ppl = evaluate(args, Path(args.model))
     for case in cases:
