@@ -49,7 +49,8 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> st
               "| pruner | sparsity | pruned | + LoRA | + LoSA | seeds |", "|---|---|---|---|---|---|"]
     for pruner in ("wanda", "sparsegpt"):
         for s in ("0.5", "0.6", "0.7"):
-            seeds = sorted({n.split("-s")[1].split("-")[0] for n in results if n.startswith(f"t1-{pruner}-{s}-s")})
+            prefix = f"t1-{pruner}-{s}-s"
+            seeds = sorted({n[len(prefix):].split("-")[0] for n in results if n.startswith(prefix)})
             cols = []
             for kind in ("pruned", "lora", "losa"):
                 cols.append(_fmt([_ppl(results.get(f"t1-{pruner}-{s}-s{seed}-{kind}")) for seed in seeds]))
@@ -63,17 +64,17 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> st
     lines += ["", "### N:M: 2:4 vs mixed 2:4 (Wanda)", "", "| variant | perplexity |", "|---|---|"]
     for name, label in (("nm-2of4-pruned", "Wanda 2:4"), ("nm-2of4-losa", "+ LoSA, 2:4"), ("nm-mixed2of4-losa", "+ LoSA, mixed 2:4")):
         lines.append(f"| {label} | {_fmt([_ppl(results.get(name))])} |")
-    lines += ["", "### Robustness: Wanda at 40-90 %", "", "| sparsity | pruned | + LoSA |", "|---|---|---|"]
+    lines += ["", "### Robustness: Wanda at 40-90 %", "", "| sparsity | pruned | + LoRA | + LoSA |", "|---|---|---|---|"]
     for s in ("0.4", "0.5", "0.6", "0.7", "0.8", "0.9"):
         if s in ("0.5", "0.6", "0.7"):
-            pr, lo = results.get(f"t1-wanda-{s}-s0-pruned"), results.get(f"t1-wanda-{s}-s0-losa")
+            pr, lr, lo = (results.get(f"t1-wanda-{s}-s0-{k}") for k in ("pruned", "lora", "losa"))
         else:
-            pr, lo = results.get(f"rob-wanda-{s}-pruned"), results.get(f"rob-wanda-{s}-losa")
-        lines.append(f"| {float(s):.0%} | {_fmt([_ppl(pr)])} | {_fmt([_ppl(lo)])} |")
-    lines += ["", "### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 0, same data)", "",
+            pr, lr, lo = results.get(f"rob-wanda-{s}-pruned"), results.get(f"inv-wanda-{s}-lora"), results.get(f"rob-wanda-{s}-losa")
+        lines.append(f"| {float(s):.0%} | {_fmt([_ppl(pr)])} | {_fmt([_ppl(lr)])} | {_fmt([_ppl(lo)])} |")
+    lines += ["", "### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 1, same data; both cells ran under the same two-job load)", "",
               "| method | trainable parameters | training s | total s | peak RSS MiB | perplexity |", "|---|---|---|---|---|---|"]
     for kind in ("lora", "losa"):
-        r = results.get(f"t1-wanda-0.7-s0-{kind}")
+        r = results.get(f"t1-wanda-0.7-s1-{kind}")
         if r is None:
             lines.append(f"| {kind} | n/a | n/a | n/a | n/a | n/a |")
             continue
@@ -85,6 +86,11 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> st
             train_s = rep["timings_s"].get("lora", 0.0)
             params = f"{rep['trainable_parameters']:,}"
         lines.append(f"| {kind} | {params} | {train_s:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {_fmt([_ppl(r)])} |")
+    lines += ["", "### Investigation: LoRA vs LoSA at Wanda 70 % (seed 0)", "", "| variant | + LoRA | + LoSA |", "|---|---|---|"]
+    lines.append(f"| paper settings, 400 samples | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
+    lines.append(f"| 3x fine-tuning budget (1200 samples) | {_fmt([_ppl(results.get('inv-budget3x-lora'))])} | {_fmt([_ppl(results.get('inv-budget3x-losa'))])} |")
+    lines.append(f"| adapter dropout 0 | {_fmt([_ppl(results.get('inv-dropout0-lora'))])} | {_fmt([_ppl(results.get('inv-dropout0-losa'))])} |")
+    lines.append(f"| LoSA shrinking by SVD (not leading rows) | - | {_fmt([_ppl(results.get('inv-shrink-svd-losa'))])} |")
     failed = [n for n in results if _ppl(results[n]) is None]
     if failed:
         lines += ["", f"Cells without a perplexity: {', '.join(failed)}"]
