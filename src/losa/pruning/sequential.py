@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from losa.calibration import BlockInputs, run_block, sequential_pass
+from losa.calibration import BlockInputs, sequential_pass
 from losa.errors import ConfigError
 from losa.models.registry import architecture_of
 from losa.pruning import make_pruner
@@ -48,26 +48,53 @@ def check_patterns(model: nn.Module, patterns: Sequence[Pattern]) -> None:
             pattern.check_width(linear.in_features)
 
 
+class _StatsDone(Exception):
+    """Raised after the block's last prunable layer has seen its input: the rest is not needed."""
+
+
 def prune_block(block: nn.Module, inputs: BlockInputs | None, method: str, pattern: Pattern, linear_names) -> None:
-    """Prune every listed linear layer of one block from the statistics of its inputs."""
+    """Prune every listed linear layer of one block from the statistics of its inputs.
+
+    ``linear_names`` are in execution order. Layers fed the very same tensor (q/k/v, gate/up)
+    share one statistics object, and each calibration forward stops at the last layer.
+    """
     linears = {name: block.get_submodule(name) for name in linear_names}
     linears = {name: getattr(m, "base", m) for name, m in linears.items()}
     device = next(block.parameters()).device
     pruners = {name: make_pruner(method, lin.in_features, device=device) for name, lin in linears.items()}
+    owner = {name: name for name in linears}  # whose statistics a layer uses
     if inputs is not None and any(p.needs_inputs for p in pruners.values()):
-        hooks = [
-            lin.register_forward_hook(lambda mod, args, out, p=pruners[name]: p.add_batch(args[0]))
-            for name, lin in linears.items()
-            if pruners[name].needs_inputs
-        ]
+        seen: dict[tuple, str] = {}  # input tensor of this forward -> first layer that accumulated it
+        last = list(linears)[-1]
+
+        def collect(name):
+            def hook(module, args, output):
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                first = seen.setdefault(key, name)
+                if first == name:
+                    pruners[name].add_batch(x)
+                else:
+                    owner[name] = first
+                if name == last:
+                    raise _StatsDone
+
+            return hook
+
+        hooks = [lin.register_forward_hook(collect(name)) for name, lin in linears.items()]
         try:
-            run_block(block, inputs)
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                seen.clear()
+                try:
+                    block(hidden, **kwargs)
+                except _StatsDone:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
     for name, lin in linears.items():
-        lin.weight.data = pruners[name].prune(lin.weight.data, pattern)
-        del pruners[name]  # free Hessians before the next layer's
+        lin.weight.data = pruners[owner[name]].prune(lin.weight.data, pattern)
+    del pruners  # free the Hessians
 
 
 def layer_sparsities(model: nn.Module, patterns: Sequence[Pattern] | None = None) -> list[LayerSparsity]:
