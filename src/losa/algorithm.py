@@ -113,7 +113,8 @@ def block_ranks(errors: list[float], patterns: list[Pattern], mean_rank: int, cf
 
 def run_losa(model: nn.Module, tokenizer, calib_ids: torch.Tensor, samples: list[list[int]], cfg: FinetuneConfig,
              state: RunState, stop_after: int | None = None) -> list[StepRecord]:
-    """Algorithm 1. Leaves the adapters merged-ready in ``model``; returns one record per step."""
+    """Algorithm 1: injects adapters into ``model`` and leaves them trained and unmerged (the caller
+    merges them away with ``remove_adapters``); returns one record per step."""
     arch, lc, target = architecture_of(model), cfg.losa, cfg.target()
     num_blocks = len(arch.blocks(model))
     steps = lc.steps if lc.dsa else 1
