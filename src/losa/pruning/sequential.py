@@ -64,15 +64,17 @@ def prune_block(block: nn.Module, inputs: BlockInputs | None, method: str, patte
     pruners = {name: make_pruner(method, lin.in_features, device=device) for name, lin in linears.items()}
     owner = {name: name for name in linears}  # whose statistics a layer uses
     if inputs is not None and any(p.needs_inputs for p in pruners.values()):
-        seen: dict[tuple, str] = {}  # input tensor of this forward -> first layer that accumulated it
+        # inputs seen in this forward, with the first layer that accumulated each; holding the
+        # tensors keeps their memory from being reused, so identity (not address) decides sharing
+        seen: list[tuple[torch.Tensor, str]] = []
         last = list(linears)[-1]
 
         def collect(name):
             def hook(module, args, output):
                 x = args[0]
-                key = (x.data_ptr(), tuple(x.shape), x.stride())
-                first = seen.setdefault(key, name)
-                if first == name:
+                first = next((n for t, n in seen if t is x), None)
+                if first is None:
+                    seen.append((x, name))
                     pruners[name].add_batch(x)
                 else:
                     owner[name] = first
