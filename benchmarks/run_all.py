@@ -164,7 +164,7 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # cells start in priority order
             list(pool.map(lambda cell: run_cell(*cell, out_root, sys.executable, args.eval_windows, threads), cells))
     meta_file = out_root / "meta.json"
-    if args.tables_only and meta_file.exists():
+    if (args.tables_only or args.only) and meta_file.exists():  # a partial rerun keeps the sweep's command
         meta = json.loads(meta_file.read_text())
     else:
         meta = {"argv": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]),
