@@ -108,24 +108,13 @@ def reference_llama_config(vocab_size: int, cfg: TrainConfig, tokenizer):
     )
 
 
-@torch.no_grad()
 def eval_perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16) -> float:
     """Perplexity over non-overlapping windows of ``seq_len`` tokens (the ragged tail is dropped);
-    every window predicts its tokens 2..seq_len."""
-    n_windows = ids.numel() // seq_len
-    if n_windows == 0:
-        raise DataError(f"need at least {seq_len} tokens to measure perplexity, got {ids.numel()}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for batch in windows.split(batch_size):
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+    every window predicts its tokens 2..seq_len. The project's own evaluator, on a token stream."""
+    from losa.data import contiguous_windows
+    from losa.perplexity import perplexity
+
+    return perplexity(model, contiguous_windows(ids, seq_len), batch_size=batch_size)["perplexity"]
 
 
 def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
