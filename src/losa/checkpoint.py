@@ -23,7 +23,8 @@ from losa.models.registry import architecture_for_type, supported_model_types
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
-def _check_model_dir(path: Path, allow_pickle: bool) -> None:
+def check_model_dir(path: Path, allow_pickle: bool) -> None:
+    """A local checkpoint directory with config.json and weights (safetensors unless allow_pickle)."""
     if not path.exists():
         raise ModelError(f"model path {str(path)!r} does not exist; pass a local Hugging Face checkpoint directory")
     if not path.is_dir():
@@ -62,7 +63,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
-    _check_model_dir(path, allow_pickle)
+    check_model_dir(path, allow_pickle)
     config = load_config(path, trust_remote_code)
     architecture_for_type(config.model_type)  # unsupported families fail here, naming the supported ones
     quantization = getattr(config, "quantization_config", None) or {}

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from losa.checkpoint import check_model_dir
 from losa.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -132,12 +133,7 @@ def _dir_bytes(directory: Path, names: list[str] | None = None) -> int:
 
 
 def _check_source(model_dir: Path) -> None:
-    if not model_dir.exists():
-        raise ModelError(f"model directory {str(model_dir)!r} does not exist; pass a pruned checkpoint directory (losa prune --out)")
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir} is a file; pass the checkpoint directory that holds config.json")
-    if not (model_dir / "config.json").exists():
-        raise ModelError(f"{model_dir} has no config.json: it is not a Hugging Face checkpoint directory")
+    check_model_dir(model_dir, allow_pickle=False)
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} holds no *.safetensors weights; export reads safetensors checkpoints (re-save with losa prune)")
     config = json.loads((model_dir / "config.json").read_text())

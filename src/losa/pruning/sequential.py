@@ -135,13 +135,13 @@ def prune_model(
     arch = architecture_of(model)
     patterns = expand_patterns(pattern, len(arch.blocks(model)))
     check_patterns(model, patterns)
-    make_pruner(method, 8)  # validates the method name before any work
+    needs_inputs = make_pruner(method, 8).needs_inputs  # also validates the method name before any work
 
     def prune(i, block, inputs):
         prune_block(block, inputs, method, patterns[i], arch.linear_names)
 
     if calib_ids is None:
-        if make_pruner(method, 8).needs_inputs:
+        if needs_inputs:
             raise ConfigError(f"{method} needs calibration data; pass --calib")
         for i, block in enumerate(arch.blocks(model)):
             prune(i, block, None)
