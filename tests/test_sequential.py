@@ -80,3 +80,39 @@ def test_bad_patterns_fail_before_work():
     with pytest.raises(ConfigError, match="magnitude"):
         prune_model(model, calib(), method="obs", pattern=Pattern.unstructured(0.5))
     assert all(l.sparsity == 0 for l in layer_sparsities(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_block_statistics_match_a_dense_forward_and_the_last_layer_is_not_run(arch):
+    """Every layer of block 0 (shared-input layers and the last one, whose statistics are taken
+    before the pass stops) is pruned from the inputs a plain dense forward gives it; the
+    statistics pass never runs the last layer (only the propagation pass does, once per batch)."""
+    ids = calib(n=5)
+    dense = tiny_model(arch)
+    arch_ = architecture_of(dense)
+    inputs = {name: [] for name in arch_.linear_names}
+    hooks = [
+        lin.register_forward_hook(lambda m, a, o, name=name: inputs[name].append(a[0].reshape(-1, a[0].shape[-1])))
+        for name, lin in arch_.linears(arch_.blocks(dense)[0]).items()
+    ]
+    with torch.no_grad():
+        dense(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    model = tiny_model(arch)
+    last = list(arch_.linears(arch_.blocks(model)[0]).values())[-1]
+    calls = []
+    last.register_forward_hook(lambda m, a, o: calls.append(a[0].numel() // a[0].shape[-1]))
+    patterns = [Pattern.unstructured(0.5)] + [Pattern.unstructured(0.0)] * (model.config.num_hidden_layers - 1)
+    prune_model(model, ids, method="wanda", pattern=patterns, batch_size=2)
+    # the propagation pass's three batches (2, 2, 1 sequences), nothing from the statistics pass
+    assert calls == [2 * ids.shape[1], 2 * ids.shape[1], ids.shape[1]]
+
+    for name, lin in arch_.linears(arch_.blocks(model)[0]).items():
+        x = torch.cat(inputs[name]).double()
+        scores = wanda_scores(lin.weight.double(), (x**2).sum(0))
+        keep = torch.zeros_like(lin.weight, dtype=torch.bool)
+        keep.scatter_(1, torch.sort(scores, dim=1, stable=True)[1][:, lin.in_features // 2 :], True)
+        dense_weight = arch_.linears(arch_.blocks(dense)[0])[name].weight
+        assert torch.equal(lin.weight, dense_weight * keep), name

@@ -5,7 +5,7 @@ import torch
 
 from losa.pruning import MagnitudePruner, SparseGPTPruner, WandaPruner, make_pruner
 from losa.pruning.patterns import Pattern
-from losa.pruning.sparsegpt import HessianStats, sparsegpt_prune
+from losa.pruning.sparsegpt import HessianStats, add_upper_gram_, sparsegpt_prune, symmetrize_upper
 
 
 def correlated_inputs(tokens, d, rank=6, seed=0):
@@ -35,6 +35,32 @@ def test_hessian_stats_equal_direct_formula():
     assert stats.num_tokens == X.shape[0] == 42
     assert stats.hessian.dtype == torch.float32
     torch.testing.assert_close(stats.hessian.double(), hessian_of(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width,panel", [(10, 64), (130, 64), (200, 48), (64, 64), (7, 1)])
+def test_upper_gram_panels_give_the_full_symmetric_product(width, panel):
+    """Panels cover every entry on and above the diagonal exactly once, ragged last panel included,
+    never write below the diagonal blocks, and symmetrize back to X^T X."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(50, width, generator=g, dtype=torch.float64)
+    gram = torch.full((width, width), 7.0, dtype=torch.float64).tril(-1)  # 7 below the diagonal, 0 above
+    add_upper_gram_(gram, x, panel)
+    torch.testing.assert_close(symmetrize_upper(gram), x.T @ x)
+    left_of_panels = torch.zeros(width, width, dtype=torch.bool)
+    for i in range(0, width, panel):
+        left_of_panels[i : i + panel, :i] = True
+    assert (gram[left_of_panels] == 7.0).all()  # never computed, never written
+
+
+def test_hessian_stats_with_several_panels_equal_direct_formula():
+    X = correlated_inputs(300, 150, seed=3)
+    stats = HessianStats(150)
+    assert stats.panel < 150  # the multi-panel path is what this test exercises
+    for chunk in X.split(70):
+        stats.add_batch(chunk)
+    H = stats.hessian
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H.double(), hessian_of(X), rtol=1e-5, atol=1e-4)
 
 
 def test_single_pruned_weight_gets_exact_obs_update():

@@ -70,7 +70,8 @@ def prune_block(block: nn.Module, inputs: BlockInputs | None, method: str, patte
         last = list(linears)[-1]
 
         def collect(name):
-            def hook(module, args, output):
+            # a pre-hook: raising in the last layer's hook also skips that layer's own matmul
+            def hook(module, args):
                 x = args[0]
                 first = next((n for t, n in seen if t is x), None)
                 if first is None:
@@ -83,7 +84,7 @@ def prune_block(block: nn.Module, inputs: BlockInputs | None, method: str, patte
 
             return hook
 
-        hooks = [lin.register_forward_hook(collect(name)) for name, lin in linears.items()]
+        hooks = [lin.register_forward_pre_hook(collect(name)) for name, lin in linears.items()]
         try:
             for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
                 seen.clear()

@@ -19,33 +19,57 @@ from losa.pruning.masks import nm_keep_mask, prune_lowest
 from losa.pruning.patterns import Pattern
 
 
+def add_upper_gram_(gram: Tensor, x: Tensor, panel: int) -> Tensor:
+    """gram += x^T x on and above the diagonal only, in row panels of ``panel`` rows; returns gram.
+
+    x^T x is symmetric, so panel i needs only the columns from i on: about half the multiply-adds
+    of one full GEMM (5/8 with 4 panels, 9/16 with 8). Entries below the diagonal blocks are left
+    untouched; ``symmetrize_upper`` rebuilds the full matrix.
+    """
+    n = gram.shape[0]
+    for i in range(0, n, panel):
+        gram[i : i + panel, i:].addmm_(x[:, i : i + panel].T, x[:, i:])
+    return gram
+
+
+def symmetrize_upper(gram: Tensor) -> Tensor:
+    """The full symmetric matrix whose upper triangle (with the diagonal) is that of ``gram``."""
+    return gram.triu() + gram.triu(1).T
+
+
 class HessianStats:
-    """H = 2/N * sum_t x_t x_t^T over all N calibration tokens, as a running float32 average."""
+    """H = 2/N * sum_t x_t x_t^T over all N calibration tokens, as a running float32 average.
+
+    Only the upper triangle is accumulated (``add_upper_gram_``): SparseGPT's calibration time is
+    dominated by these products, and a symmetric matrix needs about half of the work.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
         self.num_tokens = 0
-        self._hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        # 8 panels at most (few kernel launches on GPUs), at least 64 rows each (efficient GEMMs)
+        self.panel = max(64, math.ceil(in_features / 8))
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:
         """Accumulate a batch of layer inputs of shape (..., in_features)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} != in_features {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features).to(self._hessian.device, torch.float32)
+        x = x.detach().reshape(-1, self.in_features).to(self._upper.device, torch.float32)
         if x.shape[0] == 0:
             return
         # Rescale the running average instead of summing raw outer products: stays O(1) in magnitude.
         total = self.num_tokens + x.shape[0]
-        self._hessian *= self.num_tokens / total
+        self._upper *= self.num_tokens / total
         self.num_tokens = total
         x = x * math.sqrt(2.0 / total)
-        self._hessian.addmm_(x.T, x)
+        add_upper_gram_(self._upper, x, self.panel)
 
     @property
     def hessian(self) -> Tensor:
-        """(in_features, in_features) float32."""
-        return self._hessian
+        """(in_features, in_features) float32, symmetric (a new tensor on every access)."""
+        return symmetrize_upper(self._upper)
 
 
 def inverse_hessian_cholesky(hessian: Tensor, percdamp: float = 0.01) -> Tensor:
