@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all demo bench corpus reference-model clean
+.PHONY: install test test-all demo bench corpus reference-model reference-model-opt clean
 
 $(BIN)/losa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,14 @@ bench: install
 corpus: install
 	$(BIN)/python -m losa.reference.corpus --out data/corpus
 
-# retrain the committed reference model (about 45 min on 2 CPU cores)
+# retrain the committed reference models (about 25 min each on 2 idle CPU cores); resumable
 reference-model: corpus
-	$(BIN)/python -m losa.reference.train --corpus data/corpus --out models/reference-llama
+	$(BIN)/python -m losa.reference.train --arch llama --corpus data/corpus --out models/reference-llama \
+		--report benchmarks/results/reference_model.md
+
+reference-model-opt: corpus
+	$(BIN)/python -m losa.reference.train --arch opt --corpus data/corpus --out models/reference-opt \
+		--report benchmarks/results/reference_model_opt.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

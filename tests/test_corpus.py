@@ -152,3 +152,33 @@ def test_reference_model_loads_with_plain_transformers():
         logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_reference_configs_build_models_the_pruning_registry_knows(arch):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from losa.models.registry import architecture_of
+    from losa.reference.train import TrainConfig, reference_config
+
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = TrainConfig(arch=arch, hidden_size=32, intermediate_size=48, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4)
+    model = AutoModelForCausalLM.from_config(reference_config(cfg, 100, tokenizer))
+    assert model.config.model_type == arch
+    assert len(architecture_of(model).blocks(model)) == 2
+    magnitude_prune_(model, 0.5)
+    for block in architecture_of(model).blocks(model):
+        for linear in architecture_of(model).linears(block).values():
+            assert (linear.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_unknown_reference_architecture_is_a_config_error():
+    from types import SimpleNamespace
+
+    from losa.errors import ConfigError
+    from losa.reference.train import TrainConfig, reference_config
+
+    with pytest.raises(ConfigError, match="llama.*opt"):
+        reference_config(TrainConfig(arch="gpt2"), 100, SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0))

@@ -1,7 +1,7 @@
 """Train and check the small reference LLaMA that the demo, tests and benchmarks prune.
 
-A ``LlamaForCausalLM`` of a few million parameters is trained from scratch on the train split of the
-offline corpus (``losa.reference.corpus``) with a fixed seed: random windows of ``seq_len`` tokens,
+A ``LlamaForCausalLM`` (or, with ``--arch opt``, an ``OPTForCausalLM``) of a few million parameters
+is trained from scratch on the train split of the offline corpus (``losa.reference.corpus``) with a fixed seed: random windows of ``seq_len`` tokens,
 AdamW, linear warmup then cosine decay, periodic checkpoints (resumed automatically). The result is
 saved in float16 safetensors together with the corpus tokenizer, so plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)`` load it
@@ -16,6 +16,7 @@ Usage::
     python -m losa.reference.train --corpus data/corpus --out models/reference-llama
     python -m losa.reference.train --corpus data/corpus --out models/reference-llama --eval-only \\
         --report benchmarks/results/reference_model.md
+    python -m losa.reference.train --arch opt --corpus data/corpus --out models/reference-opt
 """
 
 from __future__ import annotations
@@ -31,25 +32,27 @@ from pathlib import Path
 
 import torch
 
-from losa.errors import DataError, LosaError, ModelError, OutputError, TrainingError
+from losa.errors import ConfigError, DataError, LosaError, ModelError, OutputError, TrainingError
 
 
 @dataclass
 class TrainConfig:
     """Model shape and optimisation settings of the reference model."""
 
+    arch: str = "llama"  # or "opt" (same width and depth; its MLP is fc1/fc2 of width ffn_dim)
     hidden_size: int = 256
-    intermediate_size: int = 688
+    intermediate_size: int = 688  # LLaMA's gated MLP
+    ffn_dim: int = 1024  # OPT's MLP (4 x hidden, about the same parameters as LLaMA's 3 x 688)
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
     seq_len: int = 256
     batch_size: int = 16
-    max_steps: int = 400
+    # 2500 x 16 x 256 = 10.2M tokens, about two epochs of the 5.2M-token train split
+    max_steps: int = 2500
     warmup_steps: int = 100
     learning_rate: float = 2e-3
-    # the cosine would reach 0 at step 1564; the run stops at max_steps, at 0.90 x the peak LR
-    # (the schedule's horizon is longer than the run: training had to fit 2 shared CPU cores)
-    cosine_total_steps: int = 1564
+    # cosine decay from the peak to min_lr_ratio x peak, reached exactly at max_steps
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -88,24 +91,35 @@ def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, generator: 
 # ----------------------------------------------------------------------------- model
 
 
-def reference_llama_config(vocab_size: int, cfg: TrainConfig, tokenizer):
-    """The LlamaConfig of the reference model (tied input/output embeddings keep it small)."""
-    from transformers import LlamaConfig
+REFERENCE_ARCHS = ("llama", "opt")
 
-    return LlamaConfig(
+
+def reference_config(cfg: TrainConfig, vocab_size: int, tokenizer):
+    """The transformers config of the reference model (tied input/output embeddings keep it small)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
         max_position_embeddings=cfg.seq_len,
-        rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if cfg.arch == "llama":
+        return LlamaConfig(
+            intermediate_size=cfg.intermediate_size, num_key_value_heads=cfg.num_attention_heads, rms_norm_eps=1e-5,
+            **common,
+        )
+    if cfg.arch == "opt":  # pre-LayerNorm OPT (as OPT-350m and up), no dropout for a short run
+        return OPTConfig(
+            ffn_dim=cfg.ffn_dim, word_embed_proj_dim=cfg.hidden_size, do_layer_norm_before=True,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **common,
+        )
+    raise ConfigError(f"unknown reference architecture {cfg.arch!r}; use one of {REFERENCE_ARCHS}")
 
 
 def eval_perplexity(model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16) -> float:
@@ -128,7 +142,9 @@ def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_si
 def magnitude_prune_(model, sparsity: float) -> None:
     """Zero the smallest-|w| fraction of every linear weight of the decoder layers, per layer
     (the usual unstructured magnitude baseline; embeddings and lm_head are kept dense)."""
-    for layer in model.model.layers:
+    from losa.models.registry import architecture_of
+
+    for layer in architecture_of(model).blocks(model):
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
@@ -160,7 +176,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, generato
 def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_dir: Path) -> dict:
     """Train the reference LLaMA on ``corpus/train.txt``; save it (fp16) and its tokenizer to ``out``."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer, LlamaForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     tokenizer_dir = corpus / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
@@ -169,7 +185,7 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
     train_ids = load_token_ids(corpus / "train.txt", tokenizer)
 
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(reference_llama_config(len(tokenizer), cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(reference_config(cfg, len(tokenizer), tokenizer))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -177,8 +193,10 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
         lr=cfg.learning_rate,
         betas=(0.9, 0.95),
     )
-    # linear warmup, then a cosine that would reach 0 at cosine_total_steps, cut at max_steps
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.cosine_total_steps)
+    # linear warmup, then a cosine annealed to min_lr_ratio x peak at the last step
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -285,26 +303,26 @@ def evaluate_reference_model(model_dir: Path, corpus: Path, sparsity: float = 0.
     return results
 
 
-def write_report(path: Path, model_dir: Path, results: dict, command: str) -> None:
+def write_report(path: Path, model_dir: Path, results: dict, commands: list[str]) -> None:
     """Markdown summary of the reference model and its checks."""
     info_file = model_dir / "training_info.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     config = json.loads((model_dir / "config.json").read_text())
     lines = [
-        "# Reference model (`models/reference-llama`)",
+        f"# Reference model (`{model_dir}`)",
         "",
         f"Machine: {platform.machine()} CPU, {info.get('torch_threads', '?')} torch threads (2 shared cores), "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
         "## Model",
         "",
-        f"- `LlamaForCausalLM`: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-        f"intermediate {config['intermediate_size']}, {config['num_attention_heads']} heads, "
+        f"- `{config['architectures'][0]}`: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"MLP width {config.get('intermediate_size', config.get('ffn_dim'))}, {config['num_attention_heads']} heads, "
         f"vocab {config['vocab_size']} (byte-level BPE), tied embeddings, context {config['max_position_embeddings']}",
         f"- parameters: {info.get('parameters', '?'):,}" if info else "- parameters: ?",
         f"- training: {json.dumps(info.get('config', {}))}",
         f"- tokens seen: {info.get('tokens_seen', '?'):,} of {info.get('train_tokens_available', '?'):,} train tokens",
-        f"- train time: {info.get('train_seconds_total', '?')} s wall on 2 shared cores, segments: {json.dumps(info.get('train_seconds_segments', {}))}",
+        f"- train time: {info.get('train_seconds_total', '?')} s wall on 2 CPU cores",
         "",
         "## Checks (eval split, non-overlapping windows of 256 tokens, float32)",
         "",
@@ -327,8 +345,7 @@ def write_report(path: Path, model_dir: Path, results: dict, command: str) -> No
         "",
         "```",
         "python -m losa.reference.corpus --out data/corpus",
-        "python -m losa.reference.train --corpus data/corpus --out models/reference-llama",
-        command,
+        *commands,
         "```",
         "",
     ]
@@ -340,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"))
-    parser.add_argument("--out", type=Path, default=Path("models/reference-llama"))
-    parser.add_argument("--checkpoint-dir", type=Path, default=Path("runs/reference-llama-train"))
+    parser.add_argument("--out", type=Path, default=None, help="default: models/reference-ARCH")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="default: runs/reference-ARCH-train")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-only", action="store_true", help="only measure the saved model")
     parser.add_argument("--report", type=Path, default=None, help="write the checks as markdown here")
@@ -349,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = (lambda v: v.lower() in {"1", "true", "yes"}) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args(argv)
+    if args.arch not in REFERENCE_ARCHS:
+        parser.error(f"--arch must be one of {REFERENCE_ARCHS}")
+    args.out = args.out or Path(f"models/reference-{args.arch}")
+    args.checkpoint_dir = args.checkpoint_dir or Path(f"runs/reference-{args.arch}-train")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
     try:
@@ -358,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_reference_model(args.out, args.corpus)
         print(json.dumps(results, indent=1))
         if args.report:
-            write_report(args.report, args.out, results, "python -m " + " ".join(["losa.reference.train"] + (argv or sys.argv[1:])))
+            command = " ".join(["python -m losa.reference.train", *(argv or sys.argv[1:])])
+            commands = [command]
+            if args.eval_only:  # how the measured model was trained
+                commands.insert(0, f"python -m losa.reference.train --arch {args.arch} --corpus {args.corpus} --out {args.out}")
+            write_report(args.report, args.out, results, commands)
     except LosaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
