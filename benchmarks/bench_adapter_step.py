@@ -37,11 +37,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import write_section  # noqa: E402
+
+RESULTS_HEADER = "# Adapter training step\n\nWritten by `benchmarks/bench_adapter_step.py`; one section per configuration.\n"
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("peft", "ours", "authors", "authors-plain")
@@ -375,8 +381,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the base model (adapters stay float32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--write", metavar="PATH", help="write the markdown report to PATH")
-    parser.add_argument("--append", action="store_true", help="append to --write PATH instead of replacing it")
+    parser.add_argument("--write", metavar="PATH", help="write the report as a section of the markdown file PATH "
+                        "(a rerun with the same --title replaces its section, other sections stay)")
+    parser.add_argument("--title", help="section title (default: from the model shape, dtype and dropouts)")
     parser.add_argument("--shrink-study", action="store_true", help="run the keep-vs-svd shrink study instead")
     parser.add_argument("--study-steps", type=int, default=150)
     parser.add_argument("--study-recovery", type=int, default=20)
@@ -394,13 +401,13 @@ def main() -> None:
         print(json.dumps(answer))
         return
     if args.shrink_study:
-        report = "## Rank shrink: keep vs svd\n\n" + shrink_study(args)
+        title = args.title or "Rank shrink: keep vs svd"
+        report = f"## {title}\n\n" + shrink_study(args)
         command = "python benchmarks/bench_adapter_step.py " + " ".join(sys.argv[1:])
         report += f"\nCommand: `{command}`\n"
         print(report)
         if args.write:
-            with open(args.write, "a" if args.append else "w") as out:
-                out.write(("\n" if args.append else "") + report)
+            write_section(Path(args.write), title, report, RESULTS_HEADER)
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for but torch sees no CUDA device")
@@ -411,8 +418,12 @@ def main() -> None:
     first_losses = sorted({round(r["first_loss"], 4) for r in results if r["dropout"] == 0})
     steps = "; ".join(f"{r['variant']} p={r['dropout']:g}: {r['steps_ms']}" for r in results)
     command = "python benchmarks/bench_adapter_step.py " + " ".join(sys.argv[1:])
+    title = args.title or (
+        f"One adapter training step, hidden {args.hidden}, {args.dtype}, dropout "
+        + " / ".join(f"{p:g}" for p in args.dropouts) + ": PEFT LoRA vs masked one-matmul adapter vs authors' form"
+    )
     report = (
-        "# One adapter training step: PEFT LoRA vs masked one-matmul adapter vs authors' form\n\n"
+        f"## {title}\n\n"
         f"Command: `{command}`\n\nMachine: {machine_description(args)}\n\n"
         f"Model: LLaMA hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"{args.heads} heads, vocab {args.vocab}, {args.dtype}; batch {args.batch} x seq {args.seq}; "
@@ -429,8 +440,7 @@ def main() -> None:
     )
     print(report)
     if args.write:
-        with open(args.write, "a" if args.append else "w") as out:
-            out.write(("\n" if args.append else "") + report)
+        write_section(Path(args.write), title, report, RESULTS_HEADER)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_prune.py"
 DEFAULT_PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
@@ -152,9 +155,10 @@ def losa_phases(args, case: Case, calib_ids: torch.Tensor) -> dict[str, float]:
 
     targets = [
         (calibration, "capture_block_inputs", PHASES[0]),
-        (sequential, "run_block", PHASES[1]),  # prune_block's hooked pass
+        (sequential, "prune_block", "prune_block"),  # statistics pass + layer pruning
         (calibration, "run_block", PHASES[4]),  # sequential_pass's propagation
     ]
+    seconds["prune_block"] = 0.0
     for cls in (pruners.WandaPruner, pruners.SparseGPTPruner):
         targets += [(cls, "add_batch", PHASES[2]), (cls, "prune", PHASES[3])]
     model, _ = load_model(str(args.model))
@@ -168,6 +172,8 @@ def losa_phases(args, case: Case, calib_ids: torch.Tensor) -> dict[str, float]:
         sequential.prune_model(model, calib_ids, method=case.method, pattern=Pattern.parse(case.target),
                                device=args.device, batch_size=args.batch_size)  # fmt: skip
         seconds["total"] = time.perf_counter() - start
+    # the statistics pass is prune_block's time outside the pruners' own prune calls
+    seconds[PHASES[1]] = seconds.pop("prune_block") - seconds[PHASES[3]]
     return seconds
 
 
@@ -302,22 +308,6 @@ def markdown_section(args, cases: list[Case], info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, title: str, section: str) -> None:
-    """Replace the ``## title`` section of ``path`` (or append it); other sections stay."""
-    header = "# One-shot pruning: losa vs llm-compressor\n\nWritten by `benchmarks/bench_pruning.py`; one section per run.\n"
-    text = path.read_text() if path.exists() else header
-    parts = re.split(r"(?m)^(?=## )", text)
-    kept = [p for p in parts if not p.startswith(f"## {title}\n")]
-    replaced = len(kept) != len(parts)
-    if replaced:
-        index = next(i for i, p in enumerate(parts) if p.startswith(f"## {title}\n"))
-        kept.insert(index, section + "\n")
-    else:
-        kept.append(("\n" if not kept[-1].endswith("\n\n") else "") + section + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(kept).rstrip("\n") + "\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_model = REPO / "models" / "reference-llama"
     default_calib = REPO / "data" / "corpus" / "calib.txt"
@@ -420,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     raw = {"args": {k: str(v) for k, v in vars(args).items()}, "info": info, "cases": [c.as_dict() for c in cases]}
     (args.workdir / "results.json").write_text(json.dumps(raw, indent=1))
-    write_section(args.out_md, args.label, markdown_section(args, cases, info))
+    header = "# One-shot pruning: losa vs llm-compressor\n\nWritten by `benchmarks/bench_pruning.py`; one section per run.\n"
+    write_section(args.out_md, args.label, markdown_section(args, cases, info), header)
     print(f"wrote {args.out_md} (raw numbers in {args.workdir / 'results.json'})", file=sys.stderr)
     return 0
 

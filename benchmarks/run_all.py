@@ -1,8 +1,10 @@
 """The small-scale reproduction of the paper's experiments (`make bench`).
 
 Every cell is one `losa` command run in its own process; its report.json and peak memory land in
-bench-out/<cell>/. Finished cells are skipped, so an interrupted sweep resumes where it stopped
-(run it in the background: `nohup make bench &`). At the end BENCHMARKS.md's generated section is
+bench-out/<cell>/. Then the peer comparisons run one at a time on the otherwise idle machine
+(pruning vs llm-compressor, adapter train step vs PEFT LoRA); each rewrites its own section of
+benchmarks/results/*.md. Finished cells and peer runs are skipped, so an interrupted sweep resumes
+where it stopped (run it in the background: `nohup make bench &`). At the end BENCHMARKS.md is
 rewritten from the results (`--tables-only` does just that).
 """
 
@@ -76,6 +78,55 @@ def cell_commands(args) -> dict[str, list[str]]:
     return cells
 
 
+def peer_commands(args) -> dict[str, list[str]]:
+    """Peer run name -> argv for this interpreter. All single-threaded: the ratios then use CPU
+    time that other load cannot inflate, and both tools get the same one core."""
+    bench = ROOT / "benchmarks"
+    results = bench / "results"
+    pruning = [str(bench / "bench_pruning.py"), "--model", args.model, "--calib", f"{args.corpus}/calib.txt",
+               "--eval", f"{args.corpus}/eval.txt", "--threads", "1", "--repeats", "3", "--eval-windows", "256",
+               "--profile", "--workdir", str(Path(args.out) / "peers" / "pruning"), "--out-md",
+               str(results / "pruning_peers.md"), "--label", "make bench: reference-llama, 128 x 256 calibration tokens, CPU, 1 thread"]
+    step = [str(bench / "bench_adapter_step.py"), "--threads", "1", "--write", str(results / "adapter_step.md")]
+    return {
+        "peers-pruning-llmcompressor": pruning,
+        "peers-adapter-step-h256": [*step, "--steps", "6"],
+        "peers-adapter-step-h512": [*step, "--steps", "4", "--hidden", "512", "--intermediate", "1376", "--heads", "8"],
+        "peers-adapter-step-bf16": [*step, "--steps", "4", "--dtype", "bfloat16", "--variants", "peft", "ours", "authors", "authors-plain"],
+        "peers-adapter-shrink": [*step, "--steps", "4", "--dropouts", "0", "--shrink-study", "--study-steps", "300",
+                                 "--study-recovery", "20", "--variants", "peft", "ours"],
+    }
+
+
+def peers_python() -> str | None:
+    """llm-compressor's own environment (.venv-peers), created by benchmarks/peers/setup_env.sh if missing."""
+    python = ROOT / ".venv-peers" / "bin" / "python"
+    if not python.exists():
+        print("creating .venv-peers for llm-compressor (benchmarks/peers/setup_env.sh) ...", flush=True)
+        if subprocess.run(["bash", str(ROOT / "benchmarks" / "peers" / "setup_env.sh")]).returncode != 0:
+            return None
+    return str(python)
+
+
+def run_peer(name: str, argv: list[str], out_root: Path) -> bool:
+    done = out_root / "peers" / f"{name}.done"
+    if done.exists():
+        return True
+    if name.startswith("peers-pruning") and peers_python() is None:
+        print(f"  {name}: skipped, llm-compressor's environment could not be created", flush=True)
+        return False
+    done.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(argv)}", flush=True)
+    log = out_root / "peers" / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(f"  FAILED ({proc.returncode}); see {log}", flush=True)
+        return False
+    done.write_text(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) + "\n")
+    return True
+
+
 def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int, threads: int) -> dict | None:
     cell_dir = out_root / name
     result_file = cell_dir / "result.json"
@@ -143,6 +194,7 @@ def main() -> int:
     p.add_argument("--only", nargs="*", default=None, help="run only cells whose name starts with one of these")
     p.add_argument("--tables-only", action="store_true")
     p.add_argument("--jobs", type=int, default=2, help="cells run in parallel (each with cpu_count / jobs threads)")
+    p.add_argument("--no-peers", action="store_true", help="skip the peer comparisons (llm-compressor, PEFT)")
     args = p.parse_args()
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -163,6 +215,10 @@ def main() -> int:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # cells start in priority order
             list(pool.map(lambda cell: run_cell(*cell, out_root, sys.executable, args.eval_windows, threads), cells))
+        if not args.no_peers:  # after the sweep, one at a time: timings need the machine to themselves
+            for name, argv in peer_commands(args).items():
+                if not args.only or any(name.startswith(o) for o in args.only):
+                    run_peer(name, argv, out_root)
     meta_file = out_root / "meta.json"
     if (args.tables_only or args.only) and meta_file.exists():  # a partial rerun keeps the sweep's command
         meta = json.loads(meta_file.read_text())

@@ -116,3 +116,16 @@ def test_block_statistics_match_a_dense_forward_and_the_last_layer_is_not_run(ar
         keep.scatter_(1, torch.sort(scores, dim=1, stable=True)[1][:, lin.in_features // 2 :], True)
         dense_weight = arch_.linears(arch_.blocks(dense)[0])[name].weight
         assert torch.equal(lin.weight, dense_weight * keep), name
+
+
+def test_pruning_never_runs_the_last_layer_of_the_last_block():
+    """Its output feeds nothing: the statistics pass stops before it, and no propagation pass
+    follows the last block."""
+    model = tiny_model("llama")
+    arch = architecture_of(model)
+    last = list(arch.linears(arch.blocks(model)[-1]).values())[-1]
+    calls = []
+    last.register_forward_hook(lambda m, a, o: calls.append(1))
+    prune_model(model, calib(), method="sparsegpt", pattern=Pattern.unstructured(0.5), batch_size=2)
+    assert calls == []
+    assert (last.weight == 0).float().mean().item() == pytest.approx(0.5)

@@ -115,7 +115,8 @@ def sequential_pass(
     ``before_block(i, block, inputs)`` may change the block (prune it); the block then runs on
     ``inputs`` and ``after_block(i, block, outputs)`` sees what it produced, which is also what
     block ``i + 1`` receives. Block ``i``'s inputs are thus the outputs of the already-processed
-    block ``i - 1`` (SparseGPT / Wanda sequential calibration).
+    block ``i - 1`` (SparseGPT / Wanda sequential calibration). Without ``after_block`` the last
+    block is not run at all.
     """
     device = torch.device(device)
     arch = architecture_of(model)
@@ -128,6 +129,8 @@ def sequential_pass(
         with on_device(blocks[i], device) as block:
             if before_block is not None:
                 before_block(i, block, acts)
+            if after_block is None and i == len(blocks) - 1:
+                break  # nothing reads the last block's outputs: skip its forward
             acts = run_block(block, acts)
             if after_block is not None:
                 after_block(i, block, acts)
