@@ -103,7 +103,7 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
     dense = json.loads(dense_file.read_text()) if dense_file.exists() else None
     parts = [INTRO]
     results_dir = Path(__file__).resolve().parent / "results"
-    for name in ("reference_model.md", "pruning_peers.md", "adapter_step.md"):
+    for name in ("reference_model.md", "reference_model_opt.md", "pruning_peers.md", "adapter_step.md"):
         f = results_dir / name
         if f.exists():
             parts.append(f.read_text().strip() + "\n")

@@ -182,3 +182,21 @@ def test_unknown_reference_architecture_is_a_config_error():
 
     with pytest.raises(ConfigError, match="llama.*opt"):
         reference_config(TrainConfig(arch="gpt2"), 100, SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def test_reference_report_regeneration_keeps_hand_written_notes(tmp_path):
+    import json
+
+    from losa.reference.train import write_report
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["OPTForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1, "ffn_dim": 16,
+        "num_attention_heads": 2, "vocab_size": 10, "max_position_embeddings": 8}))
+    results = {"dense_ppl": 1.5, "unigram_ppl": 9.0, "sparsity": 0.7, "magnitude_pruned_ppl": 3.0, "eval_tokens": 5}
+    report = tmp_path / "report.md"
+    report.write_text("stale numbers\n\n## Notes\n\n- written by hand\n")
+    for _ in range(2):
+        write_report(report, tmp_path, results, ["python -m losa.reference.train --arch opt"])
+    text = report.read_text()
+    assert "stale numbers" not in text and "| dense model | 1.50 |" in text and "`OPTForCausalLM`" in text
+    assert text.count("## Notes") == 1 and text.rstrip().endswith("- written by hand")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -308,10 +309,14 @@ def write_report(path: Path, model_dir: Path, results: dict, commands: list[str]
     info_file = model_dir / "training_info.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     config = json.loads((model_dir / "config.json").read_text())
+
+    def count(key: str) -> str:
+        return f"{info[key]:,}" if key in info else "?"
+
     lines = [
         f"# Reference model (`{model_dir}`)",
         "",
-        f"Machine: {platform.machine()} CPU, {info.get('torch_threads', '?')} torch threads (2 shared cores), "
+        f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores), "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
         "## Model",
@@ -319,10 +324,10 @@ def write_report(path: Path, model_dir: Path, results: dict, commands: list[str]
         f"- `{config['architectures'][0]}`: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"MLP width {config.get('intermediate_size', config.get('ffn_dim'))}, {config['num_attention_heads']} heads, "
         f"vocab {config['vocab_size']} (byte-level BPE), tied embeddings, context {config['max_position_embeddings']}",
-        f"- parameters: {info.get('parameters', '?'):,}" if info else "- parameters: ?",
+        f"- parameters: {count('parameters')}",
         f"- training: {json.dumps(info.get('config', {}))}",
-        f"- tokens seen: {info.get('tokens_seen', '?'):,} of {info.get('train_tokens_available', '?'):,} train tokens",
-        f"- train time: {info.get('train_seconds_total', '?')} s wall on 2 CPU cores",
+        f"- tokens seen: {count('tokens_seen')} of {count('train_tokens_available')} train tokens",
+        f"- train time: {info.get('train_seconds_total', '?')} s wall, {info.get('torch_threads', '?')} torch threads",
         "",
         "## Checks (eval split, non-overlapping windows of 256 tokens, float32)",
         "",
@@ -349,6 +354,9 @@ def write_report(path: Path, model_dir: Path, results: dict, commands: list[str]
         "```",
         "",
     ]
+    notes = path.read_text().partition("\n## Notes\n")[2] if path.is_file() else ""
+    if notes:  # hand-written notes survive a regeneration
+        lines += ["## Notes", "", notes.strip("\n"), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
