@@ -75,19 +75,26 @@ def cell_commands(args) -> dict[str, list[str]]:
     ft("inv-shrink-svd-losa", "losa", *w70, ["--shrink", "svd"])
     ft("inv-dropout0-losa", "losa", *w70, ["--dropout", "0"])
     ft("inv-dropout0-lora", "lora", *w70, ["--dropout", "0"])
+    # learning rate 5x the paper's (few optimiser steps at this scale), and twice the LSR delta
+    ft("inv-lr1e-3-lora", "lora", *w70, ["--lr", "1e-3"])
+    ft("inv-lr1e-3-losa", "losa", *w70, ["--lr", "1e-3"])
+    ft("inv-delta0.06-losa", "losa", *w70, ["--delta", "0.06"])
+    ft("inv-sparsegpt-0.7-no-dsa-losa", "losa", "sparsegpt", ["--sparsity", "0.7"], ["--no-dsa"])  # does DSA help SparseGPT?
     return cells
 
 
 def peer_commands(args) -> dict[str, list[str]]:
     """Peer run name -> argv for this interpreter. All single-threaded: the ratios then use CPU
     time that other load cannot inflate, and both tools get the same one core."""
-    bench = ROOT / "benchmarks"
-    results = bench / "results"
-    pruning = [str(bench / "bench_pruning.py"), "--model", args.model, "--calib", f"{args.corpus}/calib.txt",
-               "--eval", f"{args.corpus}/eval.txt", "--threads", "1", "--repeats", "3", "--eval-windows", "256",
-               "--profile", "--workdir", str(Path(args.out) / "peers" / "pruning"), "--out-md",
-               str(results / "pruning_peers.md"), "--label", "make bench: reference-llama, 128 x 256 calibration tokens, CPU, 1 thread"]
-    step = [str(bench / "bench_adapter_step.py"), "--threads", "1", "--write", str(results / "adapter_step.md")]
+    def rel(path) -> str:  # commands run from the repository root; written into the results as such
+        path = Path(path).resolve()
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+    pruning = ["benchmarks/bench_pruning.py", "--model", rel(args.model), "--calib", rel(f"{args.corpus}/calib.txt"),
+               "--eval", rel(f"{args.corpus}/eval.txt"), "--threads", "1", "--repeats", "3", "--eval-windows", "256",
+               "--profile", "--workdir", rel(Path(args.out) / "peers" / "pruning"), "--out-md",
+               "benchmarks/results/pruning_peers.md", "--label", "make bench: reference-llama, 128 x 256 calibration tokens, CPU, 1 thread"]
+    step = ["benchmarks/bench_adapter_step.py", "--threads", "1", "--write", "benchmarks/results/adapter_step.md"]
     return {
         "peers-pruning-llmcompressor": pruning,
         "peers-adapter-step-h256": [*step, "--steps", "6"],
@@ -119,7 +126,7 @@ def run_peer(name: str, argv: list[str], out_root: Path) -> bool:
     print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(argv)}", flush=True)
     log = out_root / "peers" / f"{name}.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
         print(f"  FAILED ({proc.returncode}); see {log}", flush=True)
         return False

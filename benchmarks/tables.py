@@ -90,7 +90,12 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> st
     lines.append(f"| paper settings, 400 samples | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
     lines.append(f"| 3x fine-tuning budget (1200 samples) | {_fmt([_ppl(results.get('inv-budget3x-lora'))])} | {_fmt([_ppl(results.get('inv-budget3x-losa'))])} |")
     lines.append(f"| adapter dropout 0 | {_fmt([_ppl(results.get('inv-dropout0-lora'))])} | {_fmt([_ppl(results.get('inv-dropout0-losa'))])} |")
+    lines.append(f"| learning rate 1e-3 (5x the paper's 2e-4) | {_fmt([_ppl(results.get('inv-lr1e-3-lora'))])} | {_fmt([_ppl(results.get('inv-lr1e-3-losa'))])} |")
     lines.append(f"| LoSA shrinking by SVD (not leading rows) | - | {_fmt([_ppl(results.get('inv-shrink-svd-losa'))])} |")
+    lines.append(f"| LSR delta 0.06 (twice the paper's 0.03 at 70 %) | - | {_fmt([_ppl(results.get('inv-delta0.06-losa'))])} |")
+    lines.append(f"| LoSA w/o DSA (Wanda; the ablation above) | - | {_fmt([_ppl(results.get('abl-no-dsa'))])} |")
+    lines.append(f"| SparseGPT instead of Wanda | {_fmt([_ppl(results.get('t1-sparsegpt-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-sparsegpt-0.7-s0-losa'))])} |")
+    lines.append(f"| SparseGPT, LoSA w/o DSA | - | {_fmt([_ppl(results.get('inv-sparsegpt-0.7-no-dsa-losa'))])} |")
     failed = [n for n in results if _ppl(results[n]) is None]
     if failed:
         lines += ["", f"Cells without a perplexity: {', '.join(failed)}"]

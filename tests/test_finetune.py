@@ -154,13 +154,15 @@ def test_cli_finetune_flags(tmp_path, model_dirs, text_file):
         "finetune", "--model", str(model_dirs["llama"]), "--method", "losa", "--pruner", "sparsegpt", "--sparsity", "0.7",
         "--calib", f"text:{text_file}", "--train", f"text:{text_file}", "--steps", "4", "--train-samples", "100",
         "--train-seqlen", "64", "--seed", "3", "--out", str(tmp_path / "o"), "--no-lsr", "--no-sra", "--no-dsa",
-        "--rank-by", "sparsity", "--schedule", "linear"])
+        "--rank-by", "sparsity", "--schedule", "linear", "--delta", "0.06"])
     cfg = finetune_config(args)
+    assert cfg.losa.delta == 0.06
     assert (cfg.pruner, cfg.sparsity, cfg.losa.steps, cfg.train_samples, cfg.seed) == ("sparsegpt", 0.7, 4, 100, 3)
     assert (cfg.losa.lsr, cfg.losa.sra, cfg.losa.dsa, cfg.losa.rank_by, cfg.losa.schedule) == (False, False, False, "sparsity", "linear")
     assert cfg.beta() == 100.0
     defaults = finetune_config(build_parser().parse_args(["finetune", "--model", "m", "--sparsity", "0.7", "--out", "o"]))
     assert (defaults.losa.steps, defaults.losa.r0, defaults.training.learning_rate, defaults.nsamples) == (5, 6, 2e-4, 128)
+    assert defaults.losa.delta is None  # the paper's delta table
 
 
 def test_cli_finetune_runs(tmp_path, model_dirs, text_file):

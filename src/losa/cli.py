@@ -85,6 +85,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--mixed-nm", action="store_true", help="N:M patterns: per-block N from the LSR importances")
     p.add_argument("--shrink", default=lc.shrink, choices=["keep", "svd"],
                    help="how an adapter shrinks: keep the leading rows (paper) or the best rank-r SVD approximation")
+    p.add_argument("--delta", type=float, default=lc.delta,
+                   help="LSR: half-width of the per-block sparsity range around S_t (default: the paper's table)")
     p.add_argument("--lsr-samples", type=int, default=lc.lsr_samples)
     p.add_argument("--sra-samples", type=int, default=lc.sra_samples)
     p.add_argument("--lr", type=float, default=tc.learning_rate, help=f"learning rate (default {tc.learning_rate})")
@@ -114,7 +116,7 @@ def finetune_config(args: argparse.Namespace):
         losa=LosaConfig(steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule,
                         lsr=not args.no_lsr, sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by,
                         mixed_nm=args.mixed_nm, shrink=args.shrink, lsr_samples=args.lsr_samples, sra_samples=args.sra_samples,
-                        lora_rank=args.lora_rank),
+                        lora_rank=args.lora_rank, delta=args.delta),
         training=TrainConfig(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
     )
 
