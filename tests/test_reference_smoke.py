@@ -39,16 +39,16 @@ def test_reference_model_prune_and_losa_smoke(tmp_path, texts):
     ev = dict(data=f"text:{texts / 'eval.txt'}", seqlen=128, max_windows=24, batch_size=8)
     dense = api.evaluate(EvalConfig(model=str(MODEL), **ev))["perplexity"]
     assert dense < 200  # a real language model on real English/Python text
-    # this small model shrugs off 50-70 % (see BENCHMARKS.md); 80 % hurts it clearly
-    api.prune(PruneConfig(model=str(MODEL), out=str(tmp_path / "w70"), method="wanda", sparsity=0.8,
+    # 70 % Wanda hurts the reference model clearly (+72 % on its own eval split, BENCHMARKS.md)
+    api.prune(PruneConfig(model=str(MODEL), out=str(tmp_path / "w70"), method="wanda", sparsity=0.7,
                           calib=f"text:{texts / 'calib.txt'}", nsamples=16, seqlen=128))
     pruned = api.evaluate(EvalConfig(model=str(tmp_path / "w70"), **ev))["perplexity"]
-    assert pruned > 1.15 * dense  # 80 % pruning clearly hurts
+    assert pruned > 1.3 * dense
     report = api.finetune(FinetuneConfig(
-        model=str(MODEL), out=str(tmp_path / "losa"), pruner="wanda", sparsity=0.8, calib=f"text:{texts / 'calib.txt'}",
+        model=str(MODEL), out=str(tmp_path / "losa"), pruner="wanda", sparsity=0.7, calib=f"text:{texts / 'calib.txt'}",
         nsamples=16, seqlen=128, train=f"text:{texts / 'calib.txt'}", train_samples=40, train_seqlen=128,
         losa=LosaConfig(steps=2, lsr_samples=16, sra_samples=4), training=TrainConfig(batch_size=4, grad_accum=1)))
-    assert report["overall_sparsity"] == pytest.approx(0.8, abs=0.005)
+    assert report["overall_sparsity"] == pytest.approx(0.7, abs=0.005)
     saved = json.loads((tmp_path / "losa" / "report.json").read_text())
     assert [s["step"] for s in saved["steps"]] == [1, 2]
     recovered = api.evaluate(EvalConfig(model=str(tmp_path / "losa"), **ev))["perplexity"]
