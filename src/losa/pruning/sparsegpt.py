@@ -34,7 +34,8 @@ def add_upper_gram_(gram: Tensor, x: Tensor, panel: int) -> Tensor:
 
 def symmetrize_upper(gram: Tensor) -> Tensor:
     """The full symmetric matrix whose upper triangle (with the diagonal) is that of ``gram``."""
-    return gram.triu() + gram.triu(1).T
+    full = gram.triu()
+    return full.add_(full.T.tril(-1))  # one temporary besides the result (Hessians can be large)
 
 
 class HessianStats:
