@@ -65,6 +65,14 @@ def cell_commands(args) -> dict[str, list[str]]:
     for s in ("0.4", "0.8", "0.9"):  # 0.5-0.7 come from table 1
         prune(f"rob-wanda-{s}-pruned", "wanda", ["--sparsity", s])
         ft(f"rob-wanda-{s}-losa", "losa", "wanda", ["--sparsity", s])
+    # the second architecture: the OPT reference model, Table 1's 70 % rows (seed 0)
+    opt_model = str(Path(args.model).parent / "reference-opt")
+    if Path(opt_model, "config.json").exists():
+        for pruner in ("wanda", "sparsegpt"):
+            cells[f"opt-{pruner}-0.7-pruned"] = ["prune", "--model", opt_model, "--method", pruner, "--sparsity", "0.7", *data, "--seed", "0"]
+            for method in ("lora", "losa"):
+                cells[f"opt-{pruner}-0.7-{method}"] = ["finetune", "--model", opt_model, "--method", method, "--pruner", pruner,
+                                                      "--sparsity", "0.7", *data, *train, *ev, "--seed", "0"]
     # investigation of LoRA vs LoSA (run last): the ordering where pruning hurts most, a 3x
     # fine-tuning budget for both, and LoSA variants (SVD shrinking, no adapter dropout)
     for s in ("0.8", "0.9"):
@@ -209,9 +217,13 @@ def main() -> int:
         if not (Path(args.corpus) / "eval.txt").exists():
             subprocess.run([sys.executable, "-m", "losa.reference.corpus", "--out", args.corpus], check=True)
         # dense reference perplexity
-        dense = out_root / "dense.json"
-        if not dense.exists():
-            ev = subprocess.run([sys.executable, "-m", "losa.cli", "eval", "--model", args.model, "--data",
+        # dense reference perplexities (the OPT reference when it is there)
+        opt_model = Path(args.model).parent / "reference-opt"
+        for name, model in (("dense.json", args.model), ("dense-opt.json", opt_model)):
+            dense = out_root / name
+            if dense.exists() or not Path(model, "config.json").exists():
+                continue
+            ev = subprocess.run([sys.executable, "-m", "losa.cli", "eval", "--model", str(model), "--data",
                                  f"text:{args.corpus}/eval.txt", "--seqlen", str(args.seqlen), "--max-windows",
                                  str(args.eval_windows), "--batch-size", "16", "--json", "-q"],
                                 capture_output=True, text=True, check=True)

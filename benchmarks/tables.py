@@ -38,7 +38,7 @@ def _fmt(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> str:
+def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense_opt: dict | None = None) -> str:
     lines = ["## Small-scale reproduction (`make bench`)", ""]
     lines += [f"Command: `{meta['argv']}` on {meta['machine']}. Settings: {json.dumps(meta['args'])}.",
               "Perplexity on the reference corpus' evaluation split (non-overlapping windows); lower is better.",
@@ -55,6 +55,13 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict) -> st
             for kind in ("pruned", "lora", "losa"):
                 cols.append(_fmt([_ppl(results.get(f"t1-{pruner}-{s}-s{seed}-{kind}")) for seed in seeds]))
             lines.append(f"| {pruner} | {float(s):.0%} | {' | '.join(cols)} | {','.join(seeds) or '-'} |")
+    if any(name.startswith("opt-") for name in results):
+        lines += ["", "### Second architecture: the OPT reference model at 70 % (seed 0)", "",
+                  f"Dense OPT reference: perplexity **{dense_opt['perplexity']:.2f}**." if dense_opt else "", "",
+                  "| pruner | pruned | + LoRA | + LoSA |", "|---|---|---|---|"]
+        for pruner in ("wanda", "sparsegpt"):
+            cols = [_fmt([_ppl(results.get(f"opt-{pruner}-0.7-{kind}"))]) for kind in ("pruned", "lora", "losa")]
+            lines.append(f"| {pruner} | {' | '.join(cols)} |")
     lines += ["", "### Ablations at Wanda 70 %", "", "| variant | perplexity |", "|---|---|"]
     lines.append(f"| LoSA (all three) | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
     for name, label in (("no-lsr", "w/o LSR"), ("no-sra", "w/o SRA"), ("no-dsa", "w/o DSA"), ("none", "w/o LSR, SRA, DSA"),
@@ -106,6 +113,8 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
     results = _load(out_root)
     dense_file = out_root / "dense.json"
     dense = json.loads(dense_file.read_text()) if dense_file.exists() else None
+    dense_opt_file = out_root / "dense-opt.json"
+    dense_opt = json.loads(dense_opt_file.read_text()) if dense_opt_file.exists() else None
     parts = [INTRO]
     results_dir = Path(__file__).resolve().parent / "results"
     for name in ("reference_model.md", "reference_model_opt.md", "pruning_peers.md", "adapter_step.md"):
@@ -113,7 +122,7 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
         if f.exists():
             parts.append(f.read_text().strip() + "\n")
     if results:
-        parts.append(sweep_tables(results, dense, meta))
+        parts.append(sweep_tables(results, dense, meta, dense_opt))
     analysis = results_dir / "analysis.md"  # the reading of the sweep's numbers, written by hand
     if analysis.exists():
         parts.append(analysis.read_text().strip() + "\n")

@@ -14,7 +14,6 @@ from losa.reference.corpus import Document, docstrings_and_comments, normalize_t
 from losa.reference.train import eval_perplexity, magnitude_prune_, unigram_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_MODEL = REPO / "models" / "reference-llama"
 
 
 def synthetic_documents(n: int = 400) -> list[Document]:
@@ -137,13 +136,15 @@ def test_magnitude_prune_hits_the_sparsity_and_keeps_the_largest():
     assert original.abs()[kept].min() >= original.abs()[~kept].max()
 
 
-def test_reference_model_loads_with_plain_transformers():
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_reference_model_loads_with_plain_transformers(arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert (REFERENCE_MODEL / "model.safetensors").is_file(), "models/reference-llama is committed"
-    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL, dtype=torch.float32).eval()
-    assert model.config.model_type == "llama"
+    model_dir = REPO / "models" / f"reference-{arch}"
+    assert (model_dir / "model.safetensors").is_file(), f"models/reference-{arch} is committed"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert model.config.model_type == arch
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(tokenizer, name) is not None
     ids = tokenizer("The list type supports slicing.", return_tensors="pt")["input_ids"]
@@ -200,3 +201,43 @@ def test_reference_report_regeneration_keeps_hand_written_notes(tmp_path):
     text = report.read_text()
     assert "stale numbers" not in text and "| dense model | 1.50 |" in text and "`OPTForCausalLM`" in text
     assert text.count("## Notes") == 1 and text.rstrip().endswith("- written by hand")
+
+
+def test_reference_training_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """An interrupted training run, rerun, continues from its checkpoint and ends with the same
+    weights as an uninterrupted run (optimiser, schedule and sampler state are all restored)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from losa.reference import train as ref
+
+    corpus = tmp_path / "corpus"
+    (corpus / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "models" / "reference-llama" / name, corpus / "tokenizer" / name)
+    (corpus / "train.txt").write_text("The list type supports slicing and sorting of its items.\n" * 40)
+    cfg = ref.TrainConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, seq_len=16,
+                          batch_size=2, max_steps=4, warmup_steps=1, checkpoint_every=2, bf16_autocast=False)
+    ref.train_reference_model(corpus, tmp_path / "straight", cfg, tmp_path / "ckpt-straight")
+
+    real_save = ref.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # the machine goes away right after the first checkpoint
+
+    monkeypatch.setattr(ref, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ref.train_reference_model(corpus, tmp_path / "resumed", cfg, tmp_path / "ckpt-resumed")
+    monkeypatch.setattr(ref, "save_checkpoint", real_save)
+    info = ref.train_reference_model(corpus, tmp_path / "resumed", cfg, tmp_path / "ckpt-resumed")
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert info["tokens_seen"] == 4 * 2 * 16
+    # wall time accumulates over the segments of a resumed run
+    assert torch.load(tmp_path / "ckpt-resumed" / "checkpoint.pt", weights_only=False)["elapsed"] > 0

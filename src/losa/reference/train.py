@@ -158,8 +158,10 @@ def magnitude_prune_(model, sparsity: float) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, generator: torch.Generator) -> None:
-    """Atomically write the full training state (model, optimiser, schedule, sampler RNG)."""
+def save_checkpoint(
+    path: Path, model, optimizer, scheduler, step: int, generator: torch.Generator, elapsed: float = 0.0
+) -> None:
+    """Atomically write the full training state (model, optimiser, schedule, sampler RNG, seconds so far)."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -168,6 +170,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, generato
             "scheduler": scheduler.state_dict(),
             "step": step,
             "generator": generator.get_state(),
+            "elapsed": elapsed,
         },
         tmp,
     )
@@ -202,7 +205,7 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    step, log = 0, []
+    step, log, earlier_seconds = 0, [], 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
@@ -210,6 +213,7 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         step = state["step"]
+        earlier_seconds = state.get("elapsed", 0.0)
         print(f"resumed from {checkpoint} at step {step}")
     log_file = checkpoint_dir / "log.jsonl"
 
@@ -236,8 +240,9 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
             with log_file.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time() - start_time}) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, generator)
-    train_seconds = time.time() - start_time
+            save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, generator,
+                            earlier_seconds + time.time() - start_time)
+    train_seconds = earlier_seconds + time.time() - start_time  # all segments of a resumed run
 
     save_reference_model(model, tokenizer, out)
     info = {
