@@ -116,6 +116,9 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
     dense_opt_file = out_root / "dense-opt.json"
     dense_opt = json.loads(dense_opt_file.read_text()) if dense_opt_file.exists() else None
     parts = [INTRO]
+    summary = Path(__file__).resolve().parent / "results" / "summary.md"  # headline numbers, by hand
+    if summary.exists():
+        parts.append(summary.read_text().strip() + "\n")
     results_dir = Path(__file__).resolve().parent / "results"
     for name in ("reference_model.md", "reference_model_opt.md", "pruning_peers.md", "adapter_step.md"):
         f = results_dir / name
