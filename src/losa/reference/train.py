@@ -205,7 +205,7 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_dir / "checkpoint.pt"
-    step, log, earlier_seconds = 0, [], 0.0
+    step, earlier_seconds = 0, 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
