@@ -65,14 +65,17 @@ def cell_commands(args) -> dict[str, list[str]]:
     for s in ("0.4", "0.8", "0.9"):  # 0.5-0.7 come from table 1
         prune(f"rob-wanda-{s}-pruned", "wanda", ["--sparsity", s])
         ft(f"rob-wanda-{s}-losa", "losa", "wanda", ["--sparsity", s])
-    # the second architecture: the OPT reference model, Table 1's 70 % rows (seed 0)
+    # the second architecture: the OPT reference model, Table 1's 70 % rows (seed 0 first)
     opt_model = str(Path(args.model).parent / "reference-opt")
     if Path(opt_model, "config.json").exists():
-        for pruner in ("wanda", "sparsegpt"):
-            cells[f"opt-{pruner}-0.7-pruned"] = ["prune", "--model", opt_model, "--method", pruner, "--sparsity", "0.7", *data, "--seed", "0"]
-            for method in ("lora", "losa"):
-                cells[f"opt-{pruner}-0.7-{method}"] = ["finetune", "--model", opt_model, "--method", method, "--pruner", pruner,
-                                                      "--sparsity", "0.7", *data, *train, *ev, "--seed", "0"]
+        for seed in args.seeds:
+            for pruner in ("wanda", "sparsegpt"):
+                tag = f"opt-{pruner}-0.7" + ("" if seed == 0 else f"-s{seed}")
+                cells[f"{tag}-pruned"] = ["prune", "--model", opt_model, "--method", pruner, "--sparsity", "0.7", *data,
+                                          "--seed", str(seed)]
+                for method in ("lora", "losa"):
+                    cells[f"{tag}-{method}"] = ["finetune", "--model", opt_model, "--method", method, "--pruner", pruner,
+                                                "--sparsity", "0.7", *data, *train, *ev, "--seed", str(seed)]
     # investigation of LoRA vs LoSA (run last): the ordering where pruning hurts most, a 3x
     # fine-tuning budget for both, and LoSA variants (SVD shrinking, no adapter dropout)
     for s in ("0.8", "0.9"):

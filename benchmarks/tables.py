@@ -56,11 +56,12 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
                 cols.append(_fmt([_ppl(results.get(f"t1-{pruner}-{s}-s{seed}-{kind}")) for seed in seeds]))
             lines.append(f"| {pruner} | {float(s):.0%} | {' | '.join(cols)} | {','.join(seeds) or '-'} |")
     if any(name.startswith("opt-") for name in results):
-        lines += ["", "### Second architecture: the OPT reference model at 70 % (seed 0)", "",
+        lines += ["", "### Second architecture: the OPT reference model at 70 %", "",
                   f"Dense OPT reference: perplexity **{dense_opt['perplexity']:.2f}**." if dense_opt else "", "",
                   "| pruner | pruned | + LoRA | + LoSA |", "|---|---|---|---|"]
-        for pruner in ("wanda", "sparsegpt"):
-            cols = [_fmt([_ppl(results.get(f"opt-{pruner}-0.7-{kind}"))]) for kind in ("pruned", "lora", "losa")]
+        for pruner in ("wanda", "sparsegpt"):  # seed 0 cells carry no seed suffix
+            cols = [_fmt([_ppl(r) for n, r in results.items() if n.startswith(f"opt-{pruner}-0.7") and n.endswith(f"-{kind}")])
+                    for kind in ("pruned", "lora", "losa")]
             lines.append(f"| {pruner} | {' | '.join(cols)} |")
     lines += ["", "### Ablations at Wanda 70 %", "", "| variant | perplexity |", "|---|---|"]
     lines.append(f"| LoSA (all three) | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
