@@ -25,6 +25,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from tables import write_benchmarks_md  # noqa: E402
 
 
+def opt_reference(args) -> Path:
+    """The OPT reference model beside the LLaMA one (its cells run when it is there)."""
+    return Path(args.model).parent / "reference-opt"
+
+
 def cell_commands(args) -> dict[str, list[str]]:
     """Cell name -> losa argv. Budgets are identical for LoRA and LoSA (same samples x seqlen)."""
     c = args.corpus
@@ -66,7 +71,7 @@ def cell_commands(args) -> dict[str, list[str]]:
         prune(f"rob-wanda-{s}-pruned", "wanda", ["--sparsity", s])
         ft(f"rob-wanda-{s}-losa", "losa", "wanda", ["--sparsity", s])
     # the second architecture: the OPT reference model, Table 1's 70 % rows (seed 0 first)
-    opt_model = str(Path(args.model).parent / "reference-opt")
+    opt_model = str(opt_reference(args))
     if Path(opt_model, "config.json").exists():
         for seed in args.seeds:
             for pruner in ("wanda", "sparsegpt"):
@@ -221,8 +226,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "losa.reference.corpus", "--out", args.corpus], check=True)
         # dense reference perplexity
         # dense reference perplexities (the OPT reference when it is there)
-        opt_model = Path(args.model).parent / "reference-opt"
-        for name, model in (("dense.json", args.model), ("dense-opt.json", opt_model)):
+        for name, model in (("dense.json", args.model), ("dense-opt.json", opt_reference(args))):
             dense = out_root / name
             if dense.exists() or not Path(model, "config.json").exists():
                 continue

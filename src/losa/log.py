@@ -11,9 +11,6 @@ import warnings
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by test capture)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

@@ -80,30 +80,29 @@ def _optimizer_name(config: TrainConfig, device: str) -> str:
     return "adamw_torch"
 
 
-class _LossBar:
-    """One tqdm bar per training run with the latest loss (instead of a printed dict per step)."""
+def _loss_bar(desc: str):
+    """A Trainer callback: one tqdm bar per training run with the latest loss (instead of a
+    printed dict per step). Built on call, so importing this module does not import transformers."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
 
-    def __new__(cls, desc: str):
-        from tqdm.auto import tqdm
-        from transformers import TrainerCallback
+    class LossBar(TrainerCallback):
+        bar = None
 
-        class Bar(TrainerCallback):
-            bar = None
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=desc, unit="step", leave=False)
 
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.bar = tqdm(total=state.max_steps, desc=desc, unit="step", leave=False)
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.bar.update(state.global_step - self.bar.n)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
 
-            def on_train_end(self, args, state, control, **kwargs):
-                self.bar.close()
-
-        return Bar()
+    return LossBar()
 
 
 class _FiniteLossGuard:
@@ -167,8 +166,8 @@ def train(
             remove_unused_columns=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          callbacks=[_FiniteLossGuard(), _LossBar(desc)])
-        for noisy in (ProgressCallback, PrinterCallback):  # their per-step dict printing is replaced by _LossBar
+                          callbacks=[_FiniteLossGuard(), _loss_bar(desc)])
+        for noisy in (ProgressCallback, PrinterCallback):  # their per-step dict printing is replaced by _loss_bar
             trainer.remove_callback(noisy)
         start = time.perf_counter()
         model.train()

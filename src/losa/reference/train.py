@@ -272,9 +272,13 @@ def save_reference_model(model, tokenizer, out: Path) -> None:
 
 
 def evaluate_reference_model(model_dir: Path, corpus: Path, sparsity: float = 0.7, calib_samples: int = 64) -> dict:
-    """Dense and pruned (magnitude, and the project's Wanda when importable) eval perplexity in
-    float32, and the unigram baseline, of a saved model."""
+    """Dense and pruned (magnitude, and the project's Wanda) eval perplexity in float32, and the
+    unigram baseline, of a saved model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from losa.data import sample_windows
+    from losa.pruning.patterns import Pattern
+    from losa.pruning.sequential import prune_model
 
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"no model in {model_dir}: train it first with `python -m losa.reference.train`")
@@ -295,13 +299,7 @@ def evaluate_reference_model(model_dir: Path, corpus: Path, sparsity: float = 0.
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     magnitude_prune_(model, sparsity)
     results["magnitude_pruned_ppl"] = eval_perplexity(model, usable, seq_len)
-    try:  # the project's own Wanda (sequential, calibrated on the calib split)
-        from losa.data import sample_windows
-        from losa.pruning.patterns import Pattern
-        from losa.pruning.sequential import prune_model
-    except ImportError:
-        return results
-    model.load_state_dict(dense_state)
+    model.load_state_dict(dense_state)  # the project's own Wanda, sequential, calibrated on the calib split
     calib = sample_windows(load_token_ids(corpus / "calib.txt", tokenizer), calib_samples, seq_len, seed=0)
     prune_model(model, calib, method="wanda", pattern=Pattern.unstructured(sparsity))
     results["wanda_calib_samples"] = calib_samples
