@@ -229,11 +229,12 @@ def test_format_choice_and_bad_inputs_leave_nothing_behind(pruned, tmp_path, cap
 
 @pytest.mark.skipif(
     not os.environ.get("LOSA_LEGACY_COMPRESSED_TENSORS"),
-    reason="set LOSA_LEGACY_COMPRESSED_TENSORS to an unpacked compressed-tensors<=0.14 (the last with sparse compressors)",
+    reason="set LOSA_LEGACY_COMPRESSED_TENSORS to an unpacked compressed-tensors<=0.14 (the last with sparse compressors); make test does",
 )
 @pytest.mark.parametrize("case", ["llama-u50-fp32", "qwen2-2:4-fp16"])
 def test_legacy_compressed_tensors_decompresses_exports(case, pruned, tmp_path):
-    """compressed-tensors' own ModelCompressor (<=0.14) reads the export back bit for bit."""
+    """compressed-tensors' own ModelCompressor (<=0.14) reads the export back bit for bit, and its
+    compressor writes exactly the tensors we wrote (same names, dtypes, shapes and bytes)."""
     src, _ = pruned[case]
     out = tmp_path / "export"
     export_compressed(src, out)
@@ -247,10 +248,17 @@ compressor = ModelCompressor.from_pretrained(out)
 dense = dict(compressor.sparsity_compressor.decompress(out))
 ref = load_file(src + "/model.safetensors")
 assert set(dense) == set(ref), set(dense) ^ set(ref)
-width = {2: torch.int16, 4: torch.int32}
+def raw(t):
+    return t.contiguous().view(-1).view(torch.uint8)
 for k, v in ref.items():
-    assert dense[k].dtype == v.dtype and torch.equal(dense[k].view(width[v.element_size()]), v.view(width[v.element_size()])), k
-print("legacy", compressed_tensors.__version__, type(compressor.sparsity_compressor).__name__, len(ref))
+    assert dense[k].dtype == v.dtype and dense[k].shape == v.shape and torch.equal(raw(dense[k]), raw(v)), k
+ours = load_file(out + "/model.safetensors")
+targets = {k[: -len(".bitmask")] for k in ours if k.endswith(".bitmask")}
+theirs = compressor.sparsity_compressor.compress(dict(ref), compression_targets=targets)
+assert set(theirs) == set(ours), set(theirs) ^ set(ours)
+for k, v in theirs.items():
+    assert v.dtype == ours[k].dtype and v.shape == ours[k].shape and torch.equal(raw(v), raw(ours[k])), k
+print("legacy", compressed_tensors.__version__, type(compressor.sparsity_compressor).__name__, len(ref), len(targets))
 """
     env = dict(os.environ, PYTHONPATH=os.environ["LOSA_LEGACY_COMPRESSED_TENSORS"])
     done = subprocess.run([sys.executable, "-c", script, str(src), str(out)], env=env, capture_output=True, text=True)
