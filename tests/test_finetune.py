@@ -178,3 +178,22 @@ def test_cli_finetune_runs(tmp_path, model_dirs, text_file):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["command"] == "finetune" and len(report["steps"]) == 2
+
+
+def test_collator_masks_only_its_own_padding(tokenizer):
+    """EOS is a target even when it doubles as the pad token; only the added padding is ignored."""
+    import copy
+
+    from losa.train import causal_lm_collator
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None  # like LLaMA / OPT tokenizers without a pad token: pad = eos
+    eos = tok.eos_token_id
+    samples = [[5, 6, eos, 7, eos], [8, eos]]
+    batch = causal_lm_collator(tok)([{"input_ids": s, "labels": s} for s in samples])
+    assert tok.pad_token_id == eos
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 5)
+    assert batch["labels"][0].tolist() == samples[0]  # both EOS kept as targets
+    padded = batch["attention_mask"][1] == 0
+    assert padded.sum() == 3 and (batch["labels"][1][padded] == -100).all()
+    assert batch["labels"][1][~padded].tolist() == [8, eos]

@@ -166,3 +166,39 @@ def test_lp_at_llama_scale_matches_the_greedy_optimum(target):
     rates = layer_sparsity(weights, target)
     assert math.fsum(rates) / 32 == pytest.approx(target, abs=1e-15)
     assert float(np.dot(weights, rates)) == pytest.approx(float(np.dot(weights, greedy)), abs=1e-12)
+
+
+def test_floor_keeps_blocks_that_are_already_sparser():
+    """DSA masks only grow: a block already above S_t - delta keeps at least what it has, and the
+    others make up for it so the mean is still exactly the target."""
+    importance = [0.9, 0.1, 0.5, 0.4]  # block 0 most important: the LP wants it lowest
+    free = layer_sparsity(importance, 0.7, delta=0.03)
+    assert free[0] == pytest.approx(0.67)
+    floor = [0.72, 0.0, 0.0, 0.0]
+    rates = layer_sparsity(importance, 0.7, delta=0.03, floor=floor)
+    assert math.fsum(rates) == pytest.approx(4 * 0.7, abs=1e-12)
+    assert rates[0] == pytest.approx(0.72)
+    assert all(r >= f - 1e-12 for r, f in zip(rates, floor))
+    assert all(0.67 - 1e-12 <= r <= 0.73 + 1e-12 for r in rates)
+    # brute force over a grid: no feasible choice has a lower objective
+    best = min(
+        sum(i * s for i, s in zip(importance, (0.72, a, b, 2.8 - 0.72 - a - b)))
+        for a in np.linspace(0.67, 0.73, 61) for b in np.linspace(0.67, 0.73, 61)
+        if 0.67 - 1e-9 <= 2.8 - 0.72 - a - b <= 0.73 + 1e-9
+    )
+    assert sum(i * s for i, s in zip(importance, rates)) <= best + 1e-9
+
+
+def test_floor_above_the_upper_bound_and_above_the_target():
+    # a block beyond target + delta stays there; the others still bring the mean to the target
+    rates = layer_sparsity([0.9, 0.1, 0.5, 0.3], 0.5, delta=0.01, floor=[0.52, 0.0, 0.0, 0.0])
+    assert rates[0] == pytest.approx(0.52) and math.fsum(rates) == pytest.approx(2.0, abs=1e-12)
+    assert rates[1:] == pytest.approx([0.50, 0.49, 0.49])  # the least important block takes the rest
+    # floors alone above the target: nothing is pruned further, every block at its lower bound
+    rates = layer_sparsity([0.9, 0.1, 0.5], 0.5, delta=0.01, floor=[0.6, 0.0, 0.0])
+    assert rates == pytest.approx([0.6, 0.49, 0.49])
+
+
+def test_floor_must_be_one_rate_per_block():
+    with pytest.raises(ConfigError, match="one sparsity in"):
+        layer_sparsity([0.9, 0.1], 0.5, floor=[0.1])

@@ -69,15 +69,17 @@ def block_importances(model, calib_ids, cfg: FinetuneConfig) -> list[float]:
     return block_importance(rmi_matrix(grams), beta=cfg.beta()).tolist()
 
 
-def block_patterns(target: Pattern, step_sparsity: float, importance: list[float] | None, cfg: FinetuneConfig, num_blocks: int) -> list[Pattern]:
-    """The per-block pattern of this step: LSR rates around S_t (Eq. 5), or N:M."""
+def block_patterns(target: Pattern, step_sparsity: float, importance: list[float] | None, cfg: FinetuneConfig,
+                   num_blocks: int, floor: list[float] | None = None) -> list[Pattern]:
+    """The per-block pattern of this step: LSR rates around S_t (Eq. 5), none below ``floor`` (the
+    sparsity a block already has: its mask only grows), or N:M."""
     if target.is_nm:
         if importance is not None and cfg.losa.mixed_nm:
             return [Pattern.nm(n, target.m) for n in mixed_nm(importance, target.n, target.m)]
         return [target] * num_blocks
     if importance is None:
         return [Pattern.unstructured(step_sparsity)] * num_blocks
-    return [Pattern.unstructured(s) for s in layer_sparsity(importance, step_sparsity, cfg.losa.delta)]
+    return [Pattern.unstructured(s) for s in layer_sparsity(importance, step_sparsity, cfg.losa.delta, floor)]
 
 
 def prune_and_measure(model, calib_ids, patterns, cfg: FinetuneConfig, state: RunState, timer: Timer) -> list[float]:
@@ -137,7 +139,7 @@ def run_losa(model: nn.Module, tokenizer, calib_ids: torch.Tensor, samples: list
             if lc.lsr and (not target.is_nm or lc.mixed_nm):
                 with timer("lsr"):
                     importance = block_importances(model, calib_ids, cfg)
-            patterns = block_patterns(target, s_t, importance, cfg, num_blocks)
+            patterns = block_patterns(target, s_t, importance, cfg, num_blocks, _sparsity_floor(model, arch))
         errors = prune_and_measure(model, calib_ids, patterns, cfg, state, timer)
         unmerge_adapters(model)  # subtract the delta with the NEW mask: W keeps its zeros
         ranks = block_ranks(errors, patterns, r_t, cfg)
@@ -163,6 +165,13 @@ def _block_of(arch: Architecture, name: str) -> int:
 
 def _prunable_weights(model, arch: Architecture) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": lin.weight for i, block in enumerate(arch.blocks(model)) for n, lin in arch.linears(block).items()}
+
+
+def _sparsity_floor(model, arch: Architecture) -> list[float]:
+    """Per block, the highest sparsity any of its prunable layers already has (a rate below it would
+    leave that layer sparser than its block's rate)."""
+    return [max(float((lin.weight == 0).float().mean()) for lin in arch.linears(block).values())
+            for block in arch.blocks(model)]
 
 
 def _block_sparsity(model, arch: Architecture) -> list[float]:

@@ -123,6 +123,17 @@ class _FiniteLossGuard:
         return Guard()
 
 
+def causal_lm_collator(tokenizer):
+    """Pads a batch of ``input_ids`` + ``labels`` (the same ids: the model shifts them). Only the
+    padding it adds is masked out of the loss (-100), so an EOS token, which is also the pad token of
+    many tokenizers, stays a training target (padding by token id would mask every EOS)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer=tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+
 def train(
     model: nn.Module,
     samples: list[list[int]],
@@ -135,15 +146,13 @@ def train(
 ) -> dict:
     """Train the model's trainable parameters on ``samples`` with a fresh optimiser and schedule."""
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     if not samples:
         raise DataError("no training samples for this step")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset = Dataset.from_dict({"input_ids": samples})
-    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    dataset = Dataset.from_dict({"input_ids": samples, "labels": samples})
+    collator = causal_lm_collator(tokenizer)
     with tempfile.TemporaryDirectory(prefix="losa-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,

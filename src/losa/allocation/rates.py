@@ -5,7 +5,10 @@ target ``S_t`` of this step, the rates solve the linear program
 
     minimise sum_i I_i * S_i   s.t.  mean_i S_i = S_t,   S_t - delta <= S_i <= S_t + delta
 
-so important blocks are pruned less. It is solved exactly with HiGHS (``scipy.optimize.linprog``);
+so important blocks are pruned less. During DSA a block's mask only grows, so a block that is
+already sparser than ``S_t - delta`` cannot go below what it has: its lower bound is raised to its
+current sparsity (``floor``), otherwise the model would end sparser than the target. It is solved
+exactly with HiGHS (``scipy.optimize.linprog``);
 the authors used SLSQP from an infeasible start, which only approximates the optimum and can leave
 the mean off target. The mixed N:M variant picks an integer N per block with the same objective.
 """
@@ -63,7 +66,7 @@ def _as_vector(importance: Tensor | Sequence[float]) -> np.ndarray:
     return values
 
 
-def _fix_mean(rates: np.ndarray, lower: float, upper: float, target: float) -> np.ndarray:
+def _fix_mean(rates: np.ndarray, lower: np.ndarray, upper: np.ndarray, target: float) -> np.ndarray:
     """Move the solver's rounding residual onto the blocks with room, so mean == target exactly."""
     total = len(rates) * target
     for _ in range(4):
@@ -72,45 +75,63 @@ def _fix_mean(rates: np.ndarray, lower: float, upper: float, target: float) -> n
             break
         room = (upper - rates) if residual > 0 else (rates - lower)
         k = int(np.argmax(room))
-        rates[k] = min(max(rates[k] + residual, lower), upper)
+        rates[k] = min(max(rates[k] + residual, lower[k]), upper[k])
     return rates
 
 
+def _floors(floor: Sequence[float] | None, n_blocks: int) -> np.ndarray:
+    if floor is None:
+        return np.zeros(n_blocks)
+    values = np.asarray(floor, dtype=np.float64)
+    if values.shape != (n_blocks,) or not np.isfinite(values).all() or (values < 0).any() or (values >= 1).any():
+        raise ConfigError(f"floor must hold one sparsity in [0, 1) per block ({n_blocks}), got {list(floor)!r}")
+    return values
+
+
 def layer_sparsity(
-    importance: Tensor | Sequence[float], target: float, delta: float | None = None
+    importance: Tensor | Sequence[float], target: float, delta: float | None = None,
+    floor: Sequence[float] | None = None,
 ) -> list[float]:
     """Per-block sparsity rates solving Eq. 5 exactly; their mean equals ``target``.
 
-    ``delta`` defaults to :func:`delta_for`; the bounds are clipped to ``[0, 1)``. Blocks with
-    exactly equal importance get equal rates (the LP is indifferent between them; we take the
-    average of the solver's choice, which keeps optimality, the mean and the bounds).
+    ``delta`` defaults to :func:`delta_for`; the bounds are clipped to ``[0, 1)``. ``floor`` (per
+    block, optional) is the sparsity each block already has: no rate goes below it (masks only
+    grow), the upper bound widening to it where it lies above ``target + delta``; where the floors
+    alone reach the target, the rates are the lower bounds and their mean exceeds it. Blocks with
+    exactly equal importance and bounds get equal rates (the LP is indifferent between them; we
+    take the average of the solver's choice, which keeps optimality, the mean and the bounds).
     """
     _check_target(target)
     target = float(target)
     weights = _as_vector(importance)
+    n_blocks = len(weights)
     if delta is None:
         delta = delta_for(target)
     if not (math.isfinite(delta) and delta >= 0):
         raise ConfigError(f"delta must be a finite number >= 0, got {delta!r}")
-    lower = max(0.0, target - delta)
-    upper = min(target + delta, math.nextafter(1.0, 0.0))
-    n_blocks = len(weights)
-    if n_blocks == 1 or delta == 0:
+    floors = _floors(floor, n_blocks)
+    lower = np.maximum(max(0.0, target - delta), floors)
+    upper = np.maximum(min(target + delta, math.nextafter(1.0, 0.0)), floors)
+    if math.fsum(lower) >= n_blocks * target:
+        # already as sparse as asked (e.g. fine-tuning a model pruned beyond an early DSA step):
+        # masks only grow, so every block stays where it is
+        return [float(r) for r in lower]
+    if floor is None and (n_blocks == 1 or delta == 0):
         return [float(target)] * n_blocks
 
     result = linprog(
         c=weights,
         A_eq=np.ones((1, n_blocks)),
         b_eq=[n_blocks * target],
-        bounds=[(lower, upper)] * n_blocks,
+        bounds=list(zip(lower, upper)),
         method="highs",
     )
-    # infeasible is impossible (lower <= target <= upper); this guards against solver trouble
+    # infeasible is impossible (sum(lower) <= L * target <= sum(upper)); this guards against solver trouble
     if result.status != 0:
         raise RuntimeError(f"linprog failed on the layer-wise sparsity LP: {result.message}")
     rates = np.clip(result.x, lower, upper)
-    for value in np.unique(weights):
-        tied = weights == value
+    for key in set(zip(weights, lower, upper)):
+        tied = (weights == key[0]) & (lower == key[1]) & (upper == key[2])
         if tied.sum() > 1:
             rates[tied] = rates[tied].mean()
     return [float(r) for r in _fix_mean(rates, lower, upper, target)]
