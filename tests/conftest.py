@@ -55,31 +55,33 @@ def tokenizer(text_file):
     )
 
 
-def tiny_config(arch: str, vocab_size: int = 256):
+def tiny_config(arch: str, vocab_size: int = 256, **overrides):
+    """A 3-block config of ``arch``; ``overrides`` set or replace config fields (e.g. sliding windows)."""
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if arch == "llama":
-        return LlamaConfig(**common)
+        return LlamaConfig(**{**common, **overrides})
     if arch == "mistral":
-        return MistralConfig(**common, sliding_window=None)
+        return MistralConfig(**{**common, "sliding_window": None, **overrides})
     if arch == "qwen2":
-        return Qwen2Config(**common)
+        return Qwen2Config(**{**common, **overrides})
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                         max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True)
+        opt = dict(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True)
+        return OPTConfig(**{**opt, **overrides})
     raise ValueError(arch)
 
 
 ARCHS = ("llama", "mistral", "qwen2", "opt")
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
     model.eval()
     return model
 

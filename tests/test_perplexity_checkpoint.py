@@ -171,3 +171,29 @@ def test_config_rejects_bad_device_dtype_and_training_settings(model_dirs):
             LosaConfig(**bad)
     with pytest.raises(ConfigError, match="dtype"):
         FinetuneConfig(**base, dtype="int4")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "opt"])
+def test_saved_pruned_model_reloads_to_the_in_memory_logits(tmp_path, tokenizer, arch):
+    """A model pruned in memory, saved as safetensors and reloaded (plainly by transformers and by
+    losa's loader), gives bit-identical float32 logits to the model before saving."""
+    from transformers import AutoModelForCausalLM
+
+    from losa.pruning.patterns import Pattern
+    from losa.pruning.sequential import prune_model
+
+    model = tiny_model(arch)
+    calib = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune_model(model, calib, method="wanda", pattern=Pattern.unstructured(0.5), batch_size=2)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours, _ = load_model(tmp_path)
+    for reloaded in (plain, ours):
+        assert next(reloaded.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, expected)

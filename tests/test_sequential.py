@@ -129,3 +129,29 @@ def test_pruning_never_runs_the_last_layer_of_the_last_block():
     prune_model(model, calib(), method="sparsegpt", pattern=Pattern.unstructured(0.5), batch_size=2)
     assert calls == []
     assert (last.weight == 0).float().mean().item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_mixed_n_of_8_per_block_through_the_sequential_driver(arch, method):
+    """A different N:8 pattern per block (LoSA's mixed N:M): in every prunable layer of block i,
+    every row's groups of 8 consecutive input weights keep exactly N_i of the (all non-zero)
+    dense weights; magnitude and Wanda keep them unchanged."""
+    model = tiny_model(arch)
+    entry = architecture_of(model)
+    keeps = [1, 3, 2]
+    assert len(keeps) == model.config.num_hidden_layers
+    dense = {
+        (i, name): lin.weight.detach().clone()
+        for i, block in enumerate(entry.blocks(model))
+        for name, lin in entry.linears(block).items()
+    }
+    assert all((w != 0).all() for w in dense.values())  # so "zero" can only mean "pruned"
+
+    prune_model(model, calib(), method=method, pattern=[Pattern.nm(n, 8) for n in keeps], batch_size=3)
+    for (i, name), before in dense.items():
+        weight = entry.linears(entry.blocks(model)[i])[name].weight
+        nonzeros = (weight != 0).view(weight.shape[0], -1, 8).sum(-1)
+        assert (nonzeros == keeps[i]).all(), f"block {i} {name}: {nonzeros.unique().tolist()} kept, not {keeps[i]}"
+        if method != "sparsegpt":  # SparseGPT updates the weights it keeps
+            assert torch.equal(weight, before * (weight != 0)), f"block {i} {name}"

@@ -2,10 +2,10 @@
 
 Everything the rest of losa needs to know about a model family is one ``Architecture`` entry:
 where the decoder blocks are and which linear layers inside a block are prunable / adaptable.
-Block 0's inputs are reached generically (a forward pre-hook on block 0 captures exactly the
-arguments the installed transformers version passes: hidden states, masks, position ids, rotary
-embeddings), and a block is run by calling it with those captured arguments, so no entry needs
-version-specific calling code.
+The blocks' inputs are reached generically (during one forward every block's ``forward`` is
+replaced by a recorder that keeps exactly the arguments the installed transformers version passes
+it: hidden states, masks, position ids, rotary embeddings), and a block is run by calling it with
+its own captured arguments, so no entry needs version-specific calling code.
 """
 
 from __future__ import annotations
