@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -10,6 +11,7 @@ from losa.checkpoint import (atomic_output_dir, check_context_length, check_outp
                              write_json_atomic)
 from losa.config import EvalConfig, PruneConfig, check_device_available
 from losa.data import calibration_ids, evaluation_ids
+from losa.distributed import local_device, main_process_writes
 from losa.perplexity import perplexity
 from losa.pruning import make_pruner
 from losa.pruning.sequential import prune_model
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 def prune(config: PruneConfig) -> dict:
     """Prune a checkpoint one-shot and write it with ``report.json``; returns the report."""
     check_device_available(config.device)
+    config = dataclasses.replace(config, device=local_device(config.device))
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)  # fail before the expensive part
     timer = Timer()
@@ -40,10 +43,9 @@ def prune(config: PruneConfig) -> dict:
         )
     report = Report("prune", config.as_dict(), layers=layers)
     if config.out is not None:
-        with timer("save"), atomic_output_dir(config.out, config.overwrite) as tmp:
-            save_pretrained(model, tokenizer, tmp)
-            report.timings = timer.seconds
-            write_json_atomic(tmp / "report.json", report.as_dict())
+        with timer("save"), main_process_writes() as writer:
+            if writer:
+                _write_output(config.out, config.overwrite, report, timer, lambda tmp: save_pretrained(model, tokenizer, tmp))
     report.timings = timer.seconds
     result = report.as_dict()
     log.info("pruned %s with %s to %.4f overall sparsity", config.model, config.method, result["overall_sparsity"])
@@ -97,6 +99,7 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     from losa.train import training_samples
 
     check_device_available(config.device)
+    config = dataclasses.replace(config, device=local_device(config.device))
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)
     timer = Timer()
@@ -115,9 +118,9 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     if config.method == "losa":
         if config.out is not None:
             state = RunState(_state_dir(config), config.as_dict())
-        else:
+        else:  # each process's own
             scratch = tempfile.TemporaryDirectory(prefix="losa-state-")
-            state = RunState(scratch.name, config.as_dict())
+            state = RunState(scratch.name, config.as_dict(), shared=False)
         if not config.resume:
             state.remove()
         state.start()
@@ -142,21 +145,32 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
         report.metrics["perplexity"] = ev["perplexity"]
         report.metrics["eval_tokens"] = ev["tokens"]
     if config.out is not None:
-        with timer("save"), atomic_output_dir(config.out, config.overwrite) as tmp:
+        def write_model(tmp):
+            saved = base
             if config.method == "lora":  # kept unmerged: sparse base + adapter beside it
                 model.save_pretrained(str(tmp / "lora-adapter"))
-                base = model.unload()
-            save_pretrained(base, tokenizer, tmp)
+                saved = model.unload()
+            save_pretrained(saved, tokenizer, tmp)
             if records:
                 report.extra["plots"] = plot_run([r.as_dict() for r in records], tmp / "plots")
-            report.timings = timer.seconds
-            write_json_atomic(tmp / "report.json", report.as_dict())
+
+        with timer("save"), main_process_writes() as writer:
+            if writer:
+                _write_output(config.out, config.overwrite, report, timer, write_model)
         if config.method == "losa":
             state.remove()
     if scratch is not None:
         scratch.cleanup()
     report.timings = timer.seconds
     return report.as_dict()
+
+
+def _write_output(out, overwrite: bool, report: Report, timer: Timer, write_model) -> None:
+    """The checkpoint (``write_model(tmp)``) and report.json, all or nothing."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_model(tmp)
+        report.timings = timer.snapshot()
+        write_json_atomic(tmp / "report.json", report.as_dict())
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from losa.errors import LosaError
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     from losa.log import setup_logging
 
     setup_logging(args.verbose, args.quiet)
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed launch: results are printed by the main process
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         return _run(args)
     except LosaError as e:

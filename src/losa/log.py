@@ -21,6 +21,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed launch: only the main process talks
+        quiet = True
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

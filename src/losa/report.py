@@ -18,14 +18,24 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._running: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start = self._running[phase] = time.perf_counter()
         try:
             yield
         finally:
+            del self._running[phase]
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def snapshot(self) -> dict[str, float]:
+        """The seconds so far, phases still running included (for a report written inside one)."""
+        now = time.perf_counter()
+        out = dict(self.seconds)
+        for phase, start in self._running.items():
+            out[phase] = out.get(phase, 0.0) + now - start
+        return out
 
 
 def environment() -> dict:

@@ -55,6 +55,7 @@ from pathlib import Path
 import yaml
 
 from losa.config import EvalConfig, FinetuneConfig, LosaConfig, PruneConfig, TrainConfig
+from losa.distributed import main_process_writes
 from losa.errors import ConfigError, OutputError
 from losa.export import FORMATS, export_compressed
 from losa.zeroshot import zero_shot
@@ -596,7 +597,6 @@ def run(config: RunConfig) -> dict:
     Writes ``out/model``, ``out/compressed`` (export), ``out/config.yaml`` and ``out/report.json``.
     """
     from losa import api
-    from losa.checkpoint import write_json_atomic
     from losa.report import Report, Timer
 
     _check_outputs(config)
@@ -632,6 +632,16 @@ def run(config: RunConfig) -> dict:
                 dtype=config.prune.dtype, trust_remote_code=config.prune.trust_remote_code,
             )
     del model
+    with main_process_writes() as writer:  # a distributed launch: the other processes only wait
+        if writer:
+            _export_and_write(config, out, resolved, metrics, timer, extra)
+    return Report("run", resolved, metrics=metrics, timings=timer.seconds, extra=extra).as_dict()
+
+
+def _export_and_write(config: RunConfig, out: Path, resolved: dict, metrics: dict, timer, extra: dict) -> None:
+    from losa.checkpoint import write_json_atomic
+    from losa.report import Report
+
     if config.export is not None:
         with timer("export"):
             extra["export"] = _stage_summary(
@@ -645,7 +655,6 @@ def run(config: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(resolved), encoding="utf-8")
     write_json_atomic(out / "report.json", summary)
-    return summary
 
 
 def summary_line(summary: dict) -> str:

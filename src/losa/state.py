@@ -9,6 +9,7 @@ their memory never grows with the model).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from losa.checkpoint import write_json_atomic
+from losa.distributed import is_main_process, main_process_writes
 from losa.errors import ConfigError
 
 # settings that do not change the result of a run (a resumed run may change them)
@@ -31,15 +33,25 @@ def fingerprint(settings: dict) -> dict:
 
 
 class RunState:
-    def __init__(self, directory: str | Path, settings: dict) -> None:
+    """``shared``: one directory for all processes of a distributed run, written by the main one only
+    (the others wait for it and read it); a private directory (``shared=False``) is each process's own."""
+
+    def __init__(self, directory: str | Path, settings: dict, shared: bool = True) -> None:
         self.dir = Path(directory)
         self.fingerprint = fingerprint(settings)
+        self.shared = shared
+
+    def _writes(self):
+        return main_process_writes() if self.shared else contextlib.nullcontext(True)
 
     # -- dense block outputs (SRA's reference), recorded once ------------------------------------
     def dense_path(self, block: int) -> Path:
         return self.dir / "dense" / f"block_{block:04d}.safetensors"
 
     def save_dense(self, block: int, outputs: torch.Tensor) -> None:
+        """Main process only (no barrier per block: ``mark_dense_complete`` waits for all of them)."""
+        if self.shared and not is_main_process():
+            return
         path = self.dense_path(block)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -53,29 +65,36 @@ class RunState:
         return (self.dir / "dense" / "complete").exists() and all(self.dense_path(i).exists() for i in range(num_blocks))
 
     def mark_dense_complete(self) -> None:
-        (self.dir / "dense" / "complete").write_text(json.dumps(self.fingerprint))
+        with self._writes() as writer:
+            if writer:
+                (self.dir / "dense" / "complete").write_text(json.dumps(self.fingerprint))
 
     # -- per-step checkpoints --------------------------------------------------------------------
     def start(self) -> None:
         """Create the directory, or check that an existing one belongs to this run."""
         meta = self.dir / "run.json"
-        if meta.exists():
-            saved = json.loads(meta.read_text())
-            if saved != self.fingerprint:
-                differs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
-                raise ConfigError(
-                    f"{self.dir} holds the state of a run with different settings (differs in: {', '.join(differs)}); "
-                    "delete that directory to start over, or rerun with the original settings to resume"
-                )
-        else:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(meta, self.fingerprint)
+        with self._writes() as writer:
+            if writer and not meta.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(meta, self.fingerprint)
+        saved = json.loads(meta.read_text())
+        if saved != self.fingerprint:
+            differs = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+            raise ConfigError(
+                f"{self.dir} holds the state of a run with different settings (differs in: {', '.join(differs)}); "
+                "delete that directory to start over, or rerun with the original settings to resume"
+            )
 
     def last_step(self) -> int:
         latest = self.dir / "latest.json"
         return json.loads(latest.read_text())["step"] if latest.exists() else 0
 
     def save_step(self, step: int, weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], record: dict) -> None:
+        with self._writes() as writer:
+            if writer:
+                self._save_step(step, weights, adapters, record)
+
+    def _save_step(self, step: int, weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], record: dict) -> None:
         final = self.dir / f"step-{step}"
         tmp = self.dir / f".step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +119,9 @@ class RunState:
         return weights, adapters, record
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with self._writes() as writer:
+            if writer:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _rng_state() -> dict:

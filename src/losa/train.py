@@ -173,6 +173,7 @@ def train(
             use_cpu=not device.startswith("cuda"),
             dataloader_pin_memory=False,
             remove_unused_columns=False,
+            ddp_find_unused_parameters=False,  # every adapter factor is used in every forward
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[_FiniteLossGuard(), _loss_bar(desc)])
