@@ -145,6 +145,9 @@ def test_losa_nm_pattern(tmp_path, model_dirs, text_file):
     report = api.finetune(tiny_cfg(model_dirs["qwen2"], text_file, tmp_path / "nm", sparsity=None, pattern="2:4", eval=None))
     assert report["overall_sparsity"] == pytest.approx(0.5)
     assert all(p == "2:4" for s in report["steps"] for p in s["block_patterns"])
+    # the pattern applies from step 1 (N:M groups cannot be reached gradually), and the record says so
+    assert [s["target_sparsity"] for s in report["steps"]] == [0.5, 0.5, 0.5]
+    assert report["method"] == "losa" and report["steps"][0]["training"]["optimizer"] == "adamw_torch"
 
 
 def test_cli_finetune_flags(tmp_path, model_dirs, text_file):

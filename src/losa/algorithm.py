@@ -129,7 +129,9 @@ def run_losa(model: nn.Module, tokenizer, calib_ids: torch.Tensor, samples: list
     for t in tqdm(range(first, steps + 1), desc="LoSA steps", unit="step", initial=first - 1, total=steps):
         torch.manual_seed(cfg.seed * 1000 + t)  # each step's randomness depends on (seed, t) only
         timer = Timer()
-        s_t = sparsity_at(t, steps, target.sparsity, lc.schedule) if lc.dsa else target.sparsity
+        # an N:M pattern cannot be reached gradually (its groups are fixed): it applies from step 1
+        gradual = lc.dsa and not target.is_nm
+        s_t = sparsity_at(t, steps, target.sparsity, lc.schedule) if gradual else target.sparsity
         r_t = mean_rank_at(t, lc.r0) if lc.dsa else lc.final_mean_rank()
         merge_adapters(model)  # prune what the adapted model really is
         importance = None

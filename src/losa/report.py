@@ -63,6 +63,7 @@ class Report:
     def as_dict(self) -> dict:
         out = {
             "command": self.command,
+            **({"method": self.settings["method"]} if "method" in self.settings else {}),
             "settings": self.settings,
             "layers": [l.as_dict() if hasattr(l, "as_dict") else l for l in self.layers],
             "metrics": self.metrics,

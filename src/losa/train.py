@@ -194,6 +194,7 @@ def train(
     return {
         "loss": losses,
         "final_loss": losses[-1] if losses else None,
+        "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
         "optimizer_steps": trainer.state.global_step,
         "samples": len(samples),
         "tokens": sum(len(s) for s in samples),
