@@ -150,7 +150,8 @@ def run_peer(name: str, argv: list[str], out_root: Path) -> bool:
     return True
 
 
-def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int, threads: int) -> dict | None:
+def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windows: int, threads: int,
+             progress: str = "") -> dict | None:
     cell_dir = out_root / name
     result_file = cell_dir / "result.json"
     if result_file.exists():
@@ -159,7 +160,7 @@ def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windo
     model_out = cell_dir / "model"
     argv = [*argv, "--out", str(model_out), "--overwrite", "-q"]
     cmd = [python, str(ROOT / "benchmarks" / "_cell.py"), str(cell_dir / "proc.json"), "--", *argv]
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: losa {' '.join(argv)}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {progress} {name}: losa {' '.join(argv)}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -240,7 +241,8 @@ def main() -> int:
         cells = [(n, a) for n, a in cell_commands(args).items() if not args.only or any(n.startswith(o) for o in args.only)]
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # cells start in priority order
-            list(pool.map(lambda cell: run_cell(*cell, out_root, sys.executable, args.eval_windows, threads), cells))
+            list(pool.map(lambda k: run_cell(*cells[k], out_root, sys.executable, args.eval_windows, threads,
+                                             f"cell {k + 1}/{len(cells)}"), range(len(cells))))
         if not args.no_peers:  # after the sweep, one at a time: timings need the machine to themselves
             for name, argv in peer_commands(args).items():
                 if not args.only or any(name.startswith(o) for o in args.only):

@@ -38,11 +38,31 @@ def _fmt(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
+def _seed_of(result: dict) -> str:
+    argv = result["command"].split()
+    return argv[argv.index("--seed") + 1] if "--seed" in argv else "-"
+
+
+def _provenance(results: dict[str, dict], prefixes: tuple[str, ...]) -> str:
+    """One line under a table: which cells (rerun with ``--only``) and their seeds."""
+    names = [n for n in results if n.startswith(prefixes)]
+    seeds = sorted({_seed_of(results[n]) for n in names})
+    return (f"Cells: `python benchmarks/run_all.py --only {' '.join(prefixes)}` ({len(names)} cells; seed "
+            f"{', '.join(seeds) or '-'}); each cell's command is listed at the end of this file.")
+
+
+def cell_commands(results: dict[str, dict]) -> str:
+    lines = ["## Appendix: every cell's command", "", "<details><summary>The exact <code>losa</code> command of each "
+             "sweep cell (from <code>bench-out/&lt;cell&gt;/result.json</code>)</summary>", ""]
+    lines += [f"- `{name}`: `{results[name]['command']}`" for name in sorted(results)]
+    return "\n".join([*lines, "", "</details>"]) + "\n"
+
+
 def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense_opt: dict | None = None) -> str:
     lines = ["## Small-scale reproduction (`make bench`)", ""]
     lines += [f"Command: `{meta['argv']}` on {meta['machine']}. Settings: {json.dumps(meta['args'])}.",
               "Perplexity on the reference corpus' evaluation split (non-overlapping windows); lower is better.",
-              "Each cell's exact `losa` command is in `bench-out/<cell>/result.json`.", ""]
+              "Each cell's exact `losa` command is listed in the appendix at the end.", ""]
     if dense:
         lines += [f"Dense reference model: perplexity **{dense['perplexity']:.2f}** over {dense['tokens']:,} tokens.", ""]
     lines += ["### Table 1 analogue: pruner alone, + LoRA, + LoSA (same fine-tuning token budget)", "",
@@ -55,6 +75,7 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
             for kind in ("pruned", "lora", "losa"):
                 cols.append(_fmt([_ppl(results.get(f"t1-{pruner}-{s}-s{seed}-{kind}")) for seed in seeds]))
             lines.append(f"| {pruner} | {float(s):.0%} | {' | '.join(cols)} | {','.join(seeds) or '-'} |")
+    lines += ["", _provenance(results, ("t1-",))]
     if any(name.startswith("opt-") for name in results):
         lines += ["", "### Second architecture: the OPT reference model at 70 %", "",
                   f"Dense OPT reference: perplexity **{dense_opt['perplexity']:.2f}**." if dense_opt else "", "",
@@ -63,15 +84,18 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
             cols = [_fmt([_ppl(r) for n, r in results.items() if n.startswith(f"opt-{pruner}-0.7") and n.endswith(f"-{kind}")])
                     for kind in ("pruned", "lora", "losa")]
             lines.append(f"| {pruner} | {' | '.join(cols)} |")
+        lines += ["", _provenance(results, ("opt-",))]
     lines += ["", "### Ablations at Wanda 70 %", "", "| variant | perplexity |", "|---|---|"]
     lines.append(f"| LoSA (all three) | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
     for name, label in (("no-lsr", "w/o LSR"), ("no-sra", "w/o SRA"), ("no-dsa", "w/o DSA"), ("none", "w/o LSR, SRA, DSA"),
                         ("rank-by-sparsity", "ranks by sparsity rate (not error)"), ("linear", "linear schedule (not cubic)"),
                         ("sparse-lora", "Sparse LoRA (masked, uniform r = 8, one shot)")):
         lines.append(f"| {label} | {_fmt([_ppl(results.get('abl-' + name))])} |")
+    lines += ["", _provenance(results, ("abl-",)) + " Full LoSA: the Table 1 cell `t1-wanda-0.7-s0-losa`."]
     lines += ["", "### N:M: 2:4 vs mixed 2:4 (Wanda)", "", "| variant | perplexity |", "|---|---|"]
     for name, label in (("nm-2of4-pruned", "Wanda 2:4"), ("nm-2of4-losa", "+ LoSA, 2:4"), ("nm-mixed2of4-losa", "+ LoSA, mixed 2:4")):
         lines.append(f"| {label} | {_fmt([_ppl(results.get(name))])} |")
+    lines += ["", _provenance(results, ("nm-",))]
     lines += ["", "### Robustness: Wanda at 40-90 %", "", "| sparsity | pruned | + LoRA | + LoSA |", "|---|---|---|---|"]
     for s in ("0.4", "0.5", "0.6", "0.7", "0.8", "0.9"):
         if s in ("0.5", "0.6", "0.7"):
@@ -79,6 +103,7 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
         else:
             pr, lr, lo = results.get(f"rob-wanda-{s}-pruned"), results.get(f"inv-wanda-{s}-lora"), results.get(f"rob-wanda-{s}-losa")
         lines.append(f"| {float(s):.0%} | {_fmt([_ppl(pr)])} | {_fmt([_ppl(lr)])} | {_fmt([_ppl(lo)])} |")
+    lines += ["", _provenance(results, ("rob-", "inv-wanda-")) + " 50-70 %: the Table 1 cells of seed 0."]
     lines += ["", "### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 1, same data; both cells ran under the same two-job load)", "",
               "| method | trainable parameters | training s | total s | peak RSS MiB | perplexity |", "|---|---|---|---|---|---|"]
     for kind in ("lora", "losa"):
@@ -94,6 +119,7 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
             train_s = rep["timings_s"].get("lora", 0.0)
             params = f"{rep['trainable_parameters']:,}"
         lines.append(f"| {kind} | {params} | {train_s:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {_fmt([_ppl(r)])} |")
+    lines += ["", "Cells: `t1-wanda-0.7-s1-lora`, `t1-wanda-0.7-s1-losa` (seed 1)."]
     lines += ["", "### Investigation: LoRA vs LoSA at Wanda 70 % (seed 0)", "", "| variant | + LoRA | + LoSA |", "|---|---|---|"]
     lines.append(f"| paper settings, 400 samples | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
     lines.append(f"| 3x fine-tuning budget (1200 samples) | {_fmt([_ppl(results.get('inv-budget3x-lora'))])} | {_fmt([_ppl(results.get('inv-budget3x-losa'))])} |")
@@ -104,6 +130,7 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
     lines.append(f"| LoSA w/o DSA (Wanda; the ablation above) | - | {_fmt([_ppl(results.get('abl-no-dsa'))])} |")
     lines.append(f"| SparseGPT instead of Wanda | {_fmt([_ppl(results.get('t1-sparsegpt-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-sparsegpt-0.7-s0-losa'))])} |")
     lines.append(f"| SparseGPT, LoSA w/o DSA | - | {_fmt([_ppl(results.get('inv-sparsegpt-0.7-no-dsa-losa'))])} |")
+    lines += ["", _provenance(results, ("inv-",)) + " Paper-settings and SparseGPT rows: the Table 1 cells of seed 0."]
     failed = [n for n in results if _ppl(results[n]) is None]
     if failed:
         lines += ["", f"Cells without a perplexity: {', '.join(failed)}"]
@@ -130,6 +157,8 @@ def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
     analysis = results_dir / "analysis.md"  # the reading of the sweep's numbers, written by hand
     if analysis.exists():
         parts.append(analysis.read_text().strip() + "\n")
+    if results:
+        parts.append(cell_commands(results))
     tmp = target.with_suffix(".tmp")
     tmp.write_text("\n".join(parts))
     tmp.replace(target)
