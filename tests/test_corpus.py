@@ -240,4 +240,68 @@ def test_reference_training_resumes_to_the_same_model(tmp_path, monkeypatch):
         assert torch.equal(straight[key], resumed[key]), key
     assert info["tokens_seen"] == 4 * 2 * 16
     # wall time accumulates over the segments of a resumed run
-    assert torch.load(tmp_path / "ckpt-resumed" / "checkpoint.pt", weights_only=False)["elapsed"] > 0
+    assert ref.load_checkpoint(tmp_path / "ckpt-resumed" / ref.CHECKPOINT_NAME)["elapsed"] > 0
+    assert not list((tmp_path / "ckpt-resumed").glob("*.pt"))  # nothing pickled
+
+
+def test_reference_checkpoint_round_trips_without_pickle(tmp_path, monkeypatch):
+    """Model (tied embeddings too), AdamW, schedule and sampler state come back exactly, and reading
+    the checkpoint never goes through torch.load (pickle)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+
+    from losa.reference import train as ref
+
+    cfg = ref.TrainConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, seq_len=8)
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(ref.reference_config(cfg, 40, tokenizer))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+        return model, optimizer, get_cosine_with_min_lr_schedule_with_warmup(optimizer, 1, 10, min_lr_rate=0.1)
+
+    model, optimizer, scheduler = build()
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        batch = torch.randint(0, 40, (2, 8), generator=generator)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        scheduler.step()
+    path = tmp_path / ref.CHECKPOINT_NAME
+    ref.save_checkpoint(path, model, optimizer, scheduler, 2, generator, 1.5)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) called"))
+    state = ref.load_checkpoint(path)
+    fresh, fresh_optimizer, fresh_scheduler = build()
+    fresh.load_state_dict(state["model"])
+    fresh_optimizer.load_state_dict(state["optimizer"])
+    fresh_scheduler.load_state_dict(state["scheduler"])
+    assert state["step"] == 2 and state["elapsed"] == 1.5
+    assert torch.equal(state["generator"], generator.get_state())
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, entries in saved["state"].items():
+        assert entries.keys() == loaded["state"][index].keys()
+        for key, value in entries.items():
+            assert torch.equal(value, loaded["state"][index][key]), (index, key)
+
+
+def test_legacy_pickled_reference_checkpoint_is_refused(tmp_path, monkeypatch):
+    from losa.reference import train as ref
+
+    corpus = tmp_path / "corpus"
+    (corpus / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (corpus / "tokenizer" / name).write_bytes((REPO / "models" / "reference-llama" / name).read_bytes())
+    (corpus / "train.txt").write_text("The list type supports slicing and sorting of its items.\n" * 40)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "checkpoint.pt").write_bytes(b"not to be unpickled")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) called"))
+    cfg = ref.TrainConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, seq_len=16,
+                          batch_size=2, max_steps=2, warmup_steps=1, bf16_autocast=False)
+    with pytest.raises(DataError, match="--allow-pickle"):
+        ref.train_reference_model(corpus, tmp_path / "out", cfg, tmp_path / "ckpt")

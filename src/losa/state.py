@@ -2,7 +2,8 @@
 
 After every finished step the state directory holds, written atomically: the prunable weights,
 the adapter factors (their shapes are the ranks), the step's rates / ranks / report, and the RNG
-states. Rerunning the same command continues after the last finished step. The dense block outputs
+states (torch generators as tensors in ``rng.safetensors``, Python's and NumPy's as ``rng.json``:
+nothing in a state directory is pickled, so resuming never unpickles). Rerunning the same command continues after the last finished step. The dense block outputs
 SRA compares against are recorded once, before step 1, into the same directory (disk-backed, so
 their memory never grows with the model).
 """
@@ -101,7 +102,7 @@ class RunState:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
-        torch.save(_rng_state(), tmp / "rng.pt")
+        save_rng_state(tmp)
         write_json_atomic(tmp / "record.json", record)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -115,7 +116,12 @@ class RunState:
         weights = load_file(str(d / "weights.safetensors"))
         adapters = load_file(str(d / "adapters.safetensors"))
         record = json.loads((d / "record.json").read_text())
-        _set_rng_state(torch.load(d / "rng.pt", weights_only=False))
+        if not (d / _RNG_TENSORS).exists() and (d / "rng.pt").exists():
+            raise ConfigError(
+                f"{self.dir} was written by an older losa that pickled its RNG state ({d / 'rng.pt'}), which losa "
+                "no longer unpickles; delete that directory (or rerun with --restart) to start the run over"
+            )
+        load_rng_state(d)
         return weights, adapters, record
 
     def remove(self) -> None:
@@ -124,16 +130,37 @@ class RunState:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+_RNG_TENSORS = "rng.safetensors"
+_RNG_JSON = "rng.json"
+
+
+def save_rng_state(directory: Path) -> None:
+    """Write the torch (CPU and every CUDA device), Python and NumPy global RNG states into ``directory``
+    without pickle: the generator states as uint8 tensors, the others as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / _RNG_TENSORS))
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+    }
+    (directory / _RNG_JSON).write_text(json.dumps(state) + "\n")  # directory is the step's temporary one
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(directory: Path) -> None:
+    """Restore the global RNG states ``save_rng_state`` wrote (JSON floats round-trip exactly)."""
+    tensors = load_file(str(directory / _RNG_TENSORS))
+    state = json.loads((directory / _RNG_JSON).read_text())
+    torch.set_rng_state(tensors["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])

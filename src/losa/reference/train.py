@@ -2,7 +2,8 @@
 
 A ``LlamaForCausalLM`` (or, with ``--arch opt``, an ``OPTForCausalLM``) of a few million parameters
 is trained from scratch on the train split of the offline corpus (``losa.reference.corpus``) with a fixed seed: random windows of ``seq_len`` tokens,
-AdamW, linear warmup then cosine decay, periodic checkpoints (resumed automatically). The result is
+AdamW, linear warmup then cosine decay, periodic checkpoints (resumed automatically; written as
+safetensors plus JSON, never pickled, so resuming runs no code from the checkpoint). The result is
 saved in float16 safetensors together with the corpus tokenizer, so plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)`` load it
 offline.
@@ -17,12 +18,15 @@ Usage::
     python -m losa.reference.train --corpus data/corpus --out models/reference-llama --eval-only \\
         --report benchmarks/results/reference_model.md
     python -m losa.reference.train --arch opt --corpus data/corpus --out models/reference-opt
+
+``-q/--quiet`` shows only warnings and errors (no progress bar), ``-v/--verbose`` adds debug messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -34,6 +38,8 @@ from pathlib import Path
 import torch
 
 from losa.errors import ConfigError, DataError, LosaError, ModelError, OutputError, TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,27 +164,91 @@ def magnitude_prune_(model, sparsity: float) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # pickled, by older losa versions: read only with allow_pickle
+_META_KEY = "losa_reference_checkpoint"
+
+
 def save_checkpoint(
     path: Path, model, optimizer, scheduler, step: int, generator: torch.Generator, elapsed: float = 0.0
 ) -> None:
-    """Atomically write the full training state (model, optimiser, schedule, sampler RNG, seconds so far)."""
+    """Atomically write the full training state (model, optimiser, schedule, sampler RNG, seconds so far)
+    without pickle: every tensor in one safetensors file, everything else as JSON in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # clone: tied
+    optimizer_state = optimizer.state_dict()
+    other_state: dict[str, dict] = {}
+    for index, entries in optimizer_state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().clone().contiguous()
+            else:
+                other_state.setdefault(str(index), {})[key] = value
+    tensors["generator"] = generator.get_state()
+    meta = {
+        "step": step,
+        "elapsed": elapsed,
+        "scheduler": scheduler.state_dict(),
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "optimizer_other_state": other_state,
+    }
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "generator": generator.get_state(),
-            "elapsed": elapsed,
-        },
-        tmp,
-    )
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     tmp.replace(path)
 
 
-def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_dir: Path) -> dict:
-    """Train the reference LLaMA on ``corpus/train.txt``; save it (fp16) and its tokenizer to ``out``."""
+def load_checkpoint(path: Path) -> dict:
+    """The training state ``save_checkpoint`` wrote, as the state dicts ``load_state_dict`` takes:
+    ``model``, ``optimizer``, ``scheduler``, ``generator``, ``step`` and ``elapsed``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if _META_KEY not in metadata:
+        raise DataError(f"{path} is not a reference-training checkpoint; delete it to start over")
+    meta = json.loads(metadata[_META_KEY])
+    tensors = load_file(str(path))
+    optimizer_state: dict[int, dict] = {}
+    for index, entries in meta["optimizer_other_state"].items():
+        optimizer_state.setdefault(int(index), {}).update(entries)
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[key] = value
+    groups = meta["optimizer_param_groups"]
+    for group in groups:  # JSON turned tuples into lists
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {
+        "model": {name.removeprefix("model."): v for name, v in tensors.items() if name.startswith("model.")},
+        "optimizer": {"state": optimizer_state, "param_groups": groups},
+        "scheduler": meta["scheduler"],
+        "generator": tensors["generator"],
+        "step": meta["step"],
+        "elapsed": meta.get("elapsed", 0.0),
+    }
+
+
+def _load_legacy_checkpoint(path: Path, allow_pickle: bool) -> dict:
+    if not allow_pickle:
+        raise DataError(
+            f"{path} is a pickled checkpoint of an older losa; loading pickles can run arbitrary code, so it is "
+            f"not read: delete it to start training over, or rerun with --allow-pickle if you wrote it yourself "
+            f"(it is then converted to {CHECKPOINT_NAME})"
+        )
+    logger.warning("reading the pickled legacy checkpoint %s (--allow-pickle)", path)
+    return torch.load(path, weights_only=False)
+
+
+def train_reference_model(
+    corpus: Path, out: Path, cfg: TrainConfig, checkpoint_dir: Path, allow_pickle: bool = False
+) -> dict:
+    """Train the reference LLaMA on ``corpus/train.txt``; save it (fp16) and its tokenizer to ``out``.
+
+    Resumes from ``checkpoint_dir/checkpoint.safetensors`` when there is one. A pickled
+    ``checkpoint.pt`` of an older losa is refused unless ``allow_pickle``."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -204,17 +274,22 @@ def train_reference_model(corpus: Path, out: Path, cfg: TrainConfig, checkpoint_
     generator = torch.Generator().manual_seed(cfg.seed)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = checkpoint_dir / "checkpoint.pt"
+    checkpoint = checkpoint_dir / CHECKPOINT_NAME
+    legacy = checkpoint_dir / LEGACY_CHECKPOINT_NAME
     step, earlier_seconds = 0, 0.0
+    state = None
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint(checkpoint)
+    elif legacy.is_file():
+        state = _load_legacy_checkpoint(legacy, allow_pickle)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         step = state["step"]
         earlier_seconds = state.get("elapsed", 0.0)
-        print(f"resumed from {checkpoint} at step {step}")
+        logger.info("resumed from %s at step %d", checkpoint if checkpoint.is_file() else legacy, step)
     log_file = checkpoint_dir / "log.jsonl"
 
     model.train()
@@ -373,10 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-only", action="store_true", help="only measure the saved model")
     parser.add_argument("--report", type=Path, default=None, help="write the checks as markdown here")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="resume from a pickled checkpoint.pt of an older losa (unsafe unless you wrote it)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bar")
     for name, value in asdict(defaults).items():
         kind = (lambda v: v.lower() in {"1", "true", "yes"}) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args(argv)
+    from losa.log import setup_logging
+
+    setup_logging(args.verbose, args.quiet)
     if args.arch not in REFERENCE_ARCHS:
         parser.error(f"--arch must be one of {REFERENCE_ARCHS}")
     args.out = args.out or Path(f"models/reference-{args.arch}")
@@ -385,10 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
     try:
         if not args.eval_only:
-            info = train_reference_model(args.corpus, args.out, cfg, args.checkpoint_dir)
-            print(json.dumps(info, indent=1))
+            info = train_reference_model(args.corpus, args.out, cfg, args.checkpoint_dir, args.allow_pickle)
+            logger.info("trained: %s", json.dumps(info, indent=1))
         results = evaluate_reference_model(args.out, args.corpus)
-        print(json.dumps(results, indent=1))
+        logger.info("checks: %s", json.dumps(results, indent=1))
         if args.report:
             command = " ".join(["python -m losa.reference.train", *(argv or sys.argv[1:])])
             commands = [command]
@@ -396,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 commands.insert(0, f"python -m losa.reference.train --arch {args.arch} --corpus {args.corpus} --out {args.out}")
             write_report(args.report, args.out, results, commands)
     except LosaError as err:
-        print(f"error: {err}", file=sys.stderr)
+        logger.error("%s", err)
         return 2
     return 0
 
