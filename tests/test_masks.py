@@ -124,3 +124,22 @@ def test_magnitude_bf16_round_trip():
     out = MagnitudePruner(16).prune(w, Pattern.nm(2, 4))
     assert out.dtype == torch.bfloat16 and out.shape == w.shape
     assert ((out != 0).reshape(4, 4, 4).sum(-1) == 2).all()
+
+
+def test_meets_pattern_on_masks_the_pruners_make():
+    from losa.pruning.masks import keep_mask, meets_pattern
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(16, 64, generator=gen)
+    for pattern in (Pattern.unstructured(0.7), Pattern.unstructured(0.55), Pattern.nm(2, 4), Pattern.nm(3, 8)):
+        keep = keep_mask(scores, pattern)
+        assert meets_pattern(keep, pattern)
+        assert meets_pattern(keep & (torch.rand(16, 64, generator=gen) > 0.2), pattern)  # sparser still meets it
+    # one weight per row short is rounding; more is not
+    keep = keep_mask(scores, Pattern.unstructured(0.5))
+    assert meets_pattern(keep, Pattern.unstructured(0.5 + 0.9 / 64))
+    assert not meets_pattern(keep, Pattern.unstructured(0.5 + 2 / 64))
+    # a group keeping three of four breaks 2:4
+    keep = keep_mask(scores, Pattern.nm(2, 4))
+    keep[0, :4] = torch.tensor([True, True, True, False])
+    assert not meets_pattern(keep, Pattern.nm(2, 4))

@@ -67,3 +67,17 @@ def keep_mask(scores: Tensor, pattern: Pattern, pruned: Tensor | None = None) ->
     if pattern.is_nm:
         return nm_keep_mask(scores, pattern.n, pattern.m, pruned)
     return unstructured_keep_mask(scores, pattern.sparsity, pruned)
+
+
+def meets_pattern(keep: Tensor, pattern: Pattern) -> bool:
+    """Whether a keep mask is at least as sparse as ``pattern`` asks.
+
+    N:M: no group of ``m`` keeps more than ``n``. Unstructured: at least ``numel * sparsity`` pruned,
+    less at most one weight per row (the pruners round each row's, or each SparseGPT column block's,
+    count down). More zeros are allowed: masks only grow, and a model may arrive already sparse.
+    """
+    if pattern.is_nm:
+        pattern.check_width(keep.shape[1])
+        return bool((keep.reshape(keep.shape[0], -1, pattern.m).sum(dim=-1) <= pattern.n).all())
+    pruned = int((~keep).sum())
+    return pruned >= keep.numel() * pattern.sparsity - keep.shape[0]
