@@ -89,6 +89,120 @@ def test_missing_apt_raises_data_error(tmp_path, monkeypatch):
         corpus.fetch_debian_package("python3.11-doc", tmp_path)
 
 
+class FakeApt:
+    """Stands in for apt-get: ``available`` versions per package; records every command."""
+
+    def __init__(self, available: dict[str, list[str]]):
+        self.available = available
+        self.commands: list[list[str]] = []
+
+    def __call__(self, cmd, cwd=None, **kwargs):
+        import subprocess
+
+        self.commands.append(list(cmd))
+        if cmd[:2] == ["apt-get", "update"]:
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        package, _, version = cmd[2].partition("=")
+        versions = self.available.get(package, [])
+        if not versions or (version and version not in versions):
+            return subprocess.CompletedProcess(cmd, 100, "", f"E: Version '{version}' for '{package}' was not found")
+        (Path(cwd) / f"{package}_{version or versions[-1]}_all.deb").write_bytes(b"deb")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_debian_packages_are_fetched_at_the_pinned_version(tmp_path, monkeypatch, caplog):
+    version = corpus.PINNED_DEBIAN_PACKAGES["python3.11-doc"][0]
+    apt = FakeApt({"python3.11-doc": [version, "3.11.2-6+deb12u9"]})
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(corpus.subprocess, "run", apt)
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):
+        deb = corpus.fetch_debian_package("python3.11-doc", tmp_path)
+    assert deb.name == f"python3.11-doc_{version}_all.deb"
+    assert apt.commands == [["apt-get", "download", f"python3.11-doc={version}"]]
+    assert not caplog.records
+    # reused on the next build, without apt
+    assert corpus.fetch_debian_package("python3.11-doc", tmp_path) == deb and len(apt.commands) == 1
+
+
+def test_unavailable_pinned_version_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    apt = FakeApt({"perl-doc": ["5.36.0-7+deb12u9"]})  # the mirror moved on to a newer point release
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(corpus.subprocess, "run", apt)
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):
+        deb = corpus.fetch_debian_package("perl-doc", tmp_path)
+    pinned = corpus.PINNED_DEBIAN_PACKAGES["perl-doc"][0]
+    assert deb.name == "perl-doc_5.36.0-7+deb12u9_all.deb"
+    assert apt.commands == [["apt-get", "download", f"perl-doc={pinned}"], ["apt-get", "update"],
+                            ["apt-get", "download", f"perl-doc={pinned}"], ["apt-get", "download", "perl-doc"]]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert f"pinned version {pinned} of perl-doc is not available" in message and "snapshot.debian.org" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):  # a non-pinned .deb already there: used, warned
+        assert corpus.fetch_debian_package("perl-doc", tmp_path) == deb
+    assert "not the pinned version" in caplog.text
+
+
+def test_sources_and_split_hashes_are_checked_against_the_pins(caplog):
+    version, sha256 = corpus.PINNED_DEBIAN_PACKAGES["perl-doc"]
+    pinned_sources = {"debian": {"perl-doc": {"version": version, "sha256": sha256}},
+                      "python_stdlib": {"python": corpus.PINNED_PYTHON}}
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):
+        assert corpus.check_sources(pinned_sources) == []
+        assert corpus.check_split_hashes(dict(corpus.EXPECTED_SPLIT_SHA256)) == []
+    assert not caplog.records
+    other = {"debian": {"perl-doc": {"version": version, "sha256": "0" * 64}}, "python_stdlib": {"python": "3.12.1"}}
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):
+        differing = corpus.check_sources(other)
+        assert corpus.check_split_hashes({**corpus.EXPECTED_SPLIT_SHA256, "eval": "f" * 64}) == ["eval"]
+        assert corpus.check_split_hashes({"eval": "f" * 64}, seed=1) == []  # other seeds have no expected hashes
+    assert len(differing) == 2 and "sha256" in differing[0] and "Python 3.12.1" in differing[1]
+    assert "split(s) eval" in caplog.text and "not comparable" in caplog.text
+
+
+@pytest.mark.skipif(not (REPO / "data" / "corpus" / "manifest.json").is_file(), reason="corpus not built")
+def test_pins_match_the_built_corpus():
+    """The pins are those of data/corpus (the corpus behind the committed benchmark numbers)."""
+    import json
+
+    manifest = json.loads((REPO / "data" / "corpus" / "manifest.json").read_text())
+    assert {n: s["sha256"] for n, s in manifest["splits"].items()} == corpus.EXPECTED_SPLIT_SHA256
+    assert {p: (s["version"], s["sha256"]) for p, s in manifest["sources"]["debian"].items()} == corpus.PINNED_DEBIAN_PACKAGES
+    assert manifest["sources"]["python_stdlib"]["python"] == corpus.PINNED_PYTHON
+
+
+def test_build_corpus_warns_when_splits_differ(tmp_path, monkeypatch, caplog):
+    import json
+
+    docs = synthetic_documents(200)
+    sources = {"debian": {}, "python_stdlib": {"python": corpus.PINNED_PYTHON, "documents": len(docs)}}
+    monkeypatch.setattr(corpus, "collect_documents", lambda work, debs, progress=None: (docs, sources))
+    (tmp_path / "out" / "_unpacked").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="losa.reference.corpus"):
+        manifest = corpus.build_corpus(tmp_path / "out", vocab_size=300, check_sizes=False)
+    assert manifest["reproducibility"]["splits_differing_from_expected_sha256"] == sorted(corpus.SPLIT_FRACTIONS)
+    assert "not comparable" in caplog.text
+    written = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert written["reproducibility"] == manifest["reproducibility"]
+    assert sum(s["documents"] for s in written["splits"].values()) == len(docs)
+
+
+def test_corpus_main_takes_quiet_and_verbose(monkeypatch, tmp_path):
+    import losa.log
+
+    calls = []
+    monkeypatch.setattr(losa.log, "setup_logging", lambda verbose=0, quiet=False: calls.append((verbose, quiet)))
+    monkeypatch.setattr(corpus, "build_corpus", lambda *a, **k: {"splits": {}})
+    assert corpus.main(["--out", str(tmp_path), "--quiet"]) == 0
+    assert corpus.main(["--out", str(tmp_path), "-vv"]) == 0
+    assert calls == [(0, True), (2, False)]
+
+    def fail(*a, **k):
+        raise DataError("no sources")
+
+    monkeypatch.setattr(corpus, "build_corpus", fail)
+    assert corpus.main(["--out", str(tmp_path), "-q"]) == 2
+
+
 def test_unigram_perplexity_matches_brute_force():
     train = torch.tensor([0, 0, 1, 2, 2, 2])
     held_out = torch.tensor([0, 2, 3])
@@ -305,3 +419,16 @@ def test_legacy_pickled_reference_checkpoint_is_refused(tmp_path, monkeypatch):
                           batch_size=2, max_steps=2, warmup_steps=1, bf16_autocast=False)
     with pytest.raises(DataError, match="--allow-pickle"):
         ref.train_reference_model(corpus, tmp_path / "out", cfg, tmp_path / "ckpt")
+
+
+def test_reference_train_main_takes_quiet_and_verbose(monkeypatch, tmp_path):
+    import losa.log
+    from losa.reference import train as ref
+
+    calls = []
+    monkeypatch.setattr(losa.log, "setup_logging", lambda verbose=0, quiet=False: calls.append((verbose, quiet)))
+    monkeypatch.setattr(ref, "evaluate_reference_model", lambda *a, **k: {"dense_ppl": 1.0})
+    args = ["--eval-only", "--out", str(tmp_path), "--threads", "1"]
+    assert ref.main([*args, "-q"]) == 0
+    assert ref.main([*args, "--verbose"]) == 0
+    assert calls == [(0, True), (1, False)]
