@@ -133,14 +133,40 @@ def test_round_trip_is_bit_identical_and_smaller(case, pruned, tmp_path):
         expected_bytes = kept * dense_w.element_size() + rows * ((cols + 7) // 8) + 2 * 8 + (0 if two_four else rows * 8)
         params = ("shape", "compressed", "bitmask") + (() if two_four else ("row_offsets",))
         assert sum(stored[f"{layer['name']}.{p}"].nbytes for p in params) == expected_bytes
+    # the prunable weights alone vs the whole checkpoint: both ratios are reported
+    params = ("shape", "compressed", "bitmask") + (() if two_four else ("row_offsets",))
+    names = [layer["name"] for layer in report["layers"]]
+    assert report["prunable_dense_bytes"] == sum(source[f"{n}.weight"].nbytes for n in names)
+    assert report["prunable_export_bytes"] == sum(stored[f"{n}.{p}"].nbytes for n in names for p in params)
+    assert report["prunable_ratio"] == pytest.approx(report["prunable_export_bytes"] / report["prunable_dense_bytes"])
+    assert report["prunable_ratio"] < report["weight_ratio"] < 1  # the dense embeddings dilute the saving
+    # timings: every stage measured, the total covers them
+    timings = report["timings_s"]
+    assert set(timings) == {"scan", "read", "compress", "write", "total"}
+    assert all(t >= 0 for t in timings.values()) and timings["compress"] > 0
+    assert timings["total"] >= sum(timings[k] for k in ("scan", "read", "compress", "write")) - 1e-3
 
 
-def test_sharded_checkpoint_keeps_shards_and_index(tmp_path, tokenizer):
+def test_sharded_checkpoint_keeps_shards_and_index(tmp_path, tokenizer, monkeypatch):
+    import io
+
+    import tqdm
+
     src = tmp_path / "sharded"
     save_pruned(src, tokenizer, "llama", Pattern.unstructured(0.6), torch.float32, max_shard_size="40KB")
     assert (src / "model.safetensors.index.json").exists()
     out = tmp_path / "export"
+    bars = []
+
+    class Recorder(tqdm.tqdm):  # the progress bar counts every compressed tensor, across all shards
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "disable": False})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
     report = export_compressed(src, out)
+    assert len(bars) == 1 and bars[0].total == len(report["layers"]) == bars[0].n
+    assert len(list(src.glob("*.safetensors"))) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     stored_by_file = {f.name: set(load_file(f)) for f in out.glob("*.safetensors")}
     assert set(stored_by_file) == {f.name for f in src.glob("*.safetensors")}

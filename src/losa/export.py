@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -215,16 +216,23 @@ def compression_config(fmt: str, layers: list[dict]) -> dict:
     }
 
 
-def _compress_shard(tensors: dict[str, Tensor], targets: set[str], fmt: str) -> dict[str, Tensor]:
+def _compress_shard(tensors: dict[str, Tensor], targets: set[str], fmt: str, progress=None) -> tuple[dict[str, Tensor], int, int]:
+    """The shard's tensors with every target compressed, and the tensor bytes of the targets before and
+    after compression. ``progress`` (a tqdm bar) advances by one per compressed tensor."""
     compress = sparse24_compress if fmt == "sparse-24-bitmask" else bitmask_compress
-    out = {}
+    out, dense_bytes, compressed_bytes = {}, 0, 0
     for name, tensor in tensors.items():
         if name in targets:
             prefix = name.removesuffix(".weight")
-            out.update({f"{prefix}.{key}": value.contiguous() for key, value in compress(tensor).items()})
+            params = {f"{prefix}.{key}": value.contiguous() for key, value in compress(tensor).items()}
+            out.update(params)
+            dense_bytes += tensor.nbytes
+            compressed_bytes += sum(t.nbytes for t in params.values())
+            if progress is not None:
+                progress.update()
         else:
             out[name] = tensor
-    return out
+    return out, dense_bytes, compressed_bytes
 
 
 def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = "compressed-tensors", overwrite: bool = False) -> dict:
@@ -232,16 +240,27 @@ def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = 
 
     ``format`` "compressed-tensors" picks sparse-24-bitmask when every prunable layer is 2:4 and
     sparse-bitmask otherwise; the two can also be named directly. The output appears atomically
-    (nothing is left behind on failure). Returns the format, per-layer sparsity, and the on-disk
-    bytes of the export and of the dense checkpoint (whole directories and weight files alone).
+    (nothing is left behind on failure). Returns the format, per-layer sparsity, sizes and timings:
+
+    - ``dense_bytes`` / ``export_bytes`` / ``ratio``: the whole checkpoint directories on disk (weights,
+      config, tokenizer): what a user downloads or stores;
+    - ``dense_weight_bytes`` / ``export_weight_bytes`` / ``weight_ratio``: the safetensors files alone
+      (the dense embeddings, norms and lm_head included);
+    - ``prunable_dense_bytes`` / ``prunable_export_bytes`` / ``prunable_ratio``: the tensor bytes of the
+      prunable linear weights alone (dense vs their compressed tensors): the part sparsity shrinks;
+    - ``timings_s``: seconds spent on ``scan`` (reading every prunable weight for its sparsity), ``read``
+      (loading the shards), ``compress``, ``write`` (shards, index, config and other files) and ``total``.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
 
     from losa.checkpoint import atomic_output_dir, check_output_dir
 
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    start = time.perf_counter()
+    timings = {"scan": 0.0, "read": 0.0, "compress": 0.0, "write": 0.0}
     model_dir = Path(model_dir).expanduser().resolve()
     _check_source(model_dir)
     check_output_dir(out_dir, overwrite)  # fail before reading any weights
@@ -261,6 +280,7 @@ def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = 
         with safe_open(str(model_dir / shard), framework="pt") as f:
             reports.update({n: layer_report(n, f.get_tensor(n)) for n in names if n in target_set})
     layers = [reports[n] for n in targets]
+    timings["scan"] = time.perf_counter() - start
     fmt = choose_format(format, layers)
     config_block = compression_config(fmt, layers)
     dense_layers = [layer["name"] for layer in layers if layer["sparsity"] == 0]
@@ -271,14 +291,26 @@ def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = 
     logger.info("exporting %s as %s (global sparsity %.4f of %d prunable layers)", model_dir, fmt, config_block["sparsity_config"]["global_sparsity"], len(layers))
 
     # Pass 2: write every shard compressed, then config, tokenizer and the other small files.
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        weight_map, tensor_bytes = {}, 0
+    with atomic_output_dir(out_dir, overwrite) as tmp, tqdm(total=len(targets), desc=f"export {fmt}", unit="tensor") as progress:
+        weight_map, tensor_bytes, prunable_dense_bytes, prunable_export_bytes = {}, 0, 0, 0
         for shard in shards:
-            compressed = _compress_shard(load_file(str(model_dir / shard)), target_set, fmt)
+            t0 = time.perf_counter()
+            tensors = load_file(str(model_dir / shard))
+            t1 = time.perf_counter()
+            compressed, dense_part, export_part = _compress_shard(tensors, target_set, fmt, progress)
+            t2 = time.perf_counter()
             save_file(compressed, str(tmp / shard), metadata={"format": "pt"})
+            t3 = time.perf_counter()
+            timings["read"] += t1 - t0
+            timings["compress"] += t2 - t1
+            timings["write"] += t3 - t2
+            prunable_dense_bytes += dense_part
+            prunable_export_bytes += export_part
             weight_map.update({name: shard for name in compressed})
             tensor_bytes += sum(t.nbytes for t in compressed.values())
             logger.info("wrote %s (%d tensors)", shard, len(compressed))
+            del tensors, compressed
+        t0 = time.perf_counter()
         if (model_dir / _INDEX_NAME).exists():
             index = json.loads((model_dir / _INDEX_NAME).read_text())
             index["weight_map"] = dict(sorted(weight_map.items()))
@@ -294,6 +326,7 @@ def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = 
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         export_weight_bytes = _dir_bytes(tmp, shards)
         export_bytes = _dir_bytes(tmp)
+        timings["write"] += time.perf_counter() - t0
 
     dense_weight_bytes = _dir_bytes(model_dir, shards)
     dense_bytes = _dir_bytes(model_dir)
@@ -309,9 +342,17 @@ def export_compressed(model_dir: str | Path, out_dir: str | Path, format: str = 
         "dense_weight_bytes": dense_weight_bytes,
         "export_weight_bytes": export_weight_bytes,
         "weight_ratio": export_weight_bytes / dense_weight_bytes,
+        "prunable_dense_bytes": prunable_dense_bytes,
+        "prunable_export_bytes": prunable_export_bytes,
+        "prunable_ratio": prunable_export_bytes / prunable_dense_bytes,
         "compressed_tensors_version": config_block["version"],
     }
-    logger.info("export %d bytes vs dense %d bytes (ratio %.3f)", export_bytes, dense_bytes, report["ratio"])
+    timings["total"] = time.perf_counter() - start  # includes the atomic move into place
+    report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    logger.info(
+        "export %d bytes vs dense %d bytes: %.3fx the whole checkpoint, %.3fx its prunable weights (%.1f s)",
+        export_bytes, dense_bytes, report["ratio"], report["prunable_ratio"], timings["total"],
+    )
     return report
 
 
