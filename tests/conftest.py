@@ -68,8 +68,9 @@ def tiny_config(arch: str, vocab_size: int = 256, **overrides):
     if arch == "qwen2":
         return Qwen2Config(**{**common, **overrides})
     if arch == "opt":
+        # bos_token_id: the test tokenizer's <s> (OPTConfig's default 2 is its </s>, a mismatch load_model refuses)
         opt = dict(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                   max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True)
+                   max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True, bos_token_id=1)
         return OPTConfig(**{**opt, **overrides})
     raise ValueError(arch)
 

@@ -231,7 +231,12 @@ BAD = [
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {r0: 0}\n", r"finetune\.r0: must be a positive integer, got 0"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {r_min: 5, r_max: 2}\n",
      r"finetune\.r_min: r_min \(5\) must not exceed r_max \(2\)"),
-    ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {seqlen: 1}\n", r"finetune\.seqlen: must be at least 2$"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {seqlen: 1}\n", r"finetune\.seqlen: must be an integer of at least 2 tokens, got 1$"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {r0: 14}\n",
+     r"finetune\.r0: the mean rank of the last step, r0 \+ steps - 1 = 14 \+ 5 - 1 = 18, exceeds r_max = 16: lower r0 or "
+     r"steps so that r0 \+ steps - 1 <= 16 \(or raise r_max\)$"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\nevaluate: {perplexity: {seqlen: 1}}\n",
+     r"evaluate\.perplexity\.seqlen: must be an integer of at least 2 tokens, got 1$"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {samples: 0}\n",
      r"finetune\.samples: must be a positive integer, got 0"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {training: {warmup_ratio: 1.5}}\n",
@@ -240,7 +245,7 @@ BAD = [
     ("model: m\nout: o\nprune: {pattern: '5:4'}\n", r"prune\.pattern: N must be < M"),
     ("model: m\nout: o\nprune: {sparsity: 0.5, method: wandaa}\n", r"prune\.method: unknown pruning method 'wandaa'"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nfinetune: {method: losaa}\n", r"finetune\.method: unknown method 'losaa'"),
-    ("model: m\nout: o\nprune: {sparsity: 0.5}\ncalibration: {seqlen: 0}\n", r"calibration\.seqlen: must be a positive integer"),
+    ("model: m\nout: o\nprune: {sparsity: 0.5}\ncalibration: {seqlen: 0}\n", r"calibration\.seqlen: must be an integer of at least 2 tokens, got 0"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nevaluate: {zero_shot: {tasks: []}}\n", r"evaluate\.zero_shot\.tasks: is empty"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\nexport: {format: zip}\n", r"export\.format: unknown export format 'zip'"),
     ("model: m\nout: o\nprune: {sparsity: 0.5}\ndevice: gpu\n", r"device: unknown device 'gpu'"),
@@ -369,7 +374,8 @@ NUMBERS = st.one_of(
 @given(command=st.sampled_from(["prune", "finetune"]), sparsity=st.none() | NUMBERS, pattern=st.none() | NUMBERS,
        nsamples=st.none() | NUMBERS, seqlen=st.none() | NUMBERS, method=st.none() | st.sampled_from(["wanda", "sparsegpt", "magnitude", "lora", "x"]))
 def test_cli_bad_input_exits_2_without_a_traceback(tmp_path, capsys, restore_logging, command, sparsity, pattern, nsamples, seqlen, method):
-    """Fuzz numeric flags through ``losa.cli.main`` with a model that does not exist: every outcome is exit 2."""
+    """Fuzz numeric flags through ``losa.cli.main`` with a model that does not exist: every outcome is exit 2.
+    (tests/test_bad_inputs.py fuzzes every subcommand's flags against a real tiny checkpoint.)"""
     argv = [command, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]
     for flag, value in (("--sparsity", sparsity), ("--pattern", pattern), ("--nsamples", nsamples), ("--seqlen", seqlen),
                         ("--method" if command == "prune" else "--pruner", method)):
@@ -509,7 +515,7 @@ def test_run_zero_shot_on_a_local_task(tmp_path, model_dirs, text_file):
     tasks.mkdir()
     shutil.copy(data / "toy_mc.jsonl", tasks / "toy_mc.jsonl")
     (tasks / "losa_toy_mc.yaml").write_text((data / "losa_toy_mc.yaml").read_text()
-                                            .replace("test: toy_mc.jsonl", f"test: {tasks / 'toy_mc.jsonl'}"))
+                                            .replace("test: tests/data/zeroshot/toy_mc.jsonl", f"test: {tasks / 'toy_mc.jsonl'}"))
     cfg = tmp_path / "run.yaml"
     cfg.write_text(tiny_run_yaml(model_dirs["llama"], text_file, tmp_path / "run")
                    + f"  zero_shot: {{tasks: [losa_toy_mc], include_path: '{tasks}', limit: 5}}\n")

@@ -16,6 +16,7 @@ from conftest import tiny_model
 
 DATA = Path(__file__).parent / "data" / "zeroshot"
 TASK = "losa_toy_mc"
+TOY_DATA = "tests/data/zeroshot/toy_mc.jsonl"  # the YAML's data_files: relative to the repository root
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def task_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("zeroshot_tasks")
     shutil.copy(DATA / "toy_mc.jsonl", d / "toy_mc.jsonl")
     yaml_text = (DATA / "losa_toy_mc.yaml").read_text()
-    assert "test: toy_mc.jsonl" in yaml_text
-    (d / "losa_toy_mc.yaml").write_text(yaml_text.replace("test: toy_mc.jsonl", f"test: {d / 'toy_mc.jsonl'}"))
+    assert f"test: {TOY_DATA}" in yaml_text
+    (d / "losa_toy_mc.yaml").write_text(yaml_text.replace(f"test: {TOY_DATA}", f"test: {d / 'toy_mc.jsonl'}"))
     return d
 
 
@@ -90,6 +91,8 @@ def test_checkpoint_dir_matches_brute_force(model_dirs, tokenizer, task_dir):
     import lm_eval
 
     assert result["lm_eval_version"] == lm_eval.__version__
+    assert set(result["timings_s"]) == {"tasks", "load", "evaluate"} and all(s >= 0 for s in result["timings_s"].values())
+    assert "lora_adapter" not in result  # a plain checkpoint: no adapter
 
 
 def test_pruned_in_memory_model_with_limit_matches_brute_force(tokenizer, task_dir):
@@ -119,7 +122,7 @@ def test_bad_arguments(tokenizer, task_dir):
 
 def test_missing_local_data_file_is_a_data_error(tmp_path, tokenizer):
     yaml_text = (DATA / "losa_toy_mc.yaml").read_text()
-    yaml_text = yaml_text.replace("losa_toy_mc", "losa_missing_data").replace("test: toy_mc.jsonl", f"test: {tmp_path / 'gone.jsonl'}")
+    yaml_text = yaml_text.replace("losa_toy_mc", "losa_missing_data").replace(f"test: {TOY_DATA}", f"test: {tmp_path / 'gone.jsonl'}")
     (tmp_path / "missing.yaml").write_text(yaml_text)
     with pytest.raises(DataError, match="losa_missing_data"):
         zero_shot(tiny_model("llama"), ["losa_missing_data"], tokenizer=tokenizer, include_path=tmp_path)

@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from losa.checkpoint import (atomic_output_dir, check_context_length, check_output_dir, load_model, save_pretrained,
-                             write_json_atomic)
+from losa.checkpoint import (atomic_output_dir, check_context_length, check_output_dir, load_evaluation_model, load_model,
+                             lora_adapter_dir, save_pretrained, write_json_atomic)
 from losa.config import EvalConfig, PruneConfig, check_device_available
-from losa.data import calibration_ids, evaluation_ids
+from losa.data import DataSpec, calibration_ids, evaluation_ids
 from losa.distributed import local_device, main_process_writes
 from losa.perplexity import perplexity
 from losa.pruning import make_pruner
@@ -26,6 +26,8 @@ def prune(config: PruneConfig) -> dict:
     config = dataclasses.replace(config, device=local_device(config.device))
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)  # fail before the expensive part
+    if make_pruner(config.method, 8).needs_inputs:
+        DataSpec.parse(config.calib)  # a missing file fails before the model is loaded
     timer = Timer()
     with timer("load"):
         model, tokenizer = load_model(
@@ -53,15 +55,22 @@ def prune(config: PruneConfig) -> dict:
 
 
 def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
-    """Perplexity of a checkpoint (or of an in-memory model) on ``config.data``."""
+    """Perplexity of a checkpoint (or of an in-memory model) on ``config.data``.
+
+    A checkpoint with an unmerged LoRA adapter beside it (``lora-adapter/``, the LoRA baseline) is
+    evaluated with the adapter, as ``losa run`` does.
+    """
     check_device_available(config.device)
     timer = Timer()
+    adapter = None
     if model is None:
+        DataSpec.parse(config.data)  # a missing file fails before the model is loaded
         with timer("load"):
-            model, tokenizer = load_model(
-                config.model, dtype=config.dtype, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
+            model, tokenizer = load_evaluation_model(
+                config.model, dtype=config.dtype, device=config.device, allow_pickle=config.allow_pickle,
+                trust_remote_code=config.trust_remote_code,
             )
-        model.to(config.device)
+        adapter = lora_adapter_dir(config.model)
     check_context_length(model, config.seqlen)
     with timer("data"):
         windows = evaluation_ids(tokenizer, config.data, config.seqlen)
@@ -71,7 +80,21 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
     with timer("perplexity"):
         result = perplexity(model, windows, batch_size=config.batch_size, device=config.device)
     result.update(data=config.data, seqlen=config.seqlen, model=str(config.model), timings_s=timer.seconds)
+    if adapter is not None:
+        result["lora_adapter"] = str(adapter)
     return result
+
+
+def check_evaluation_text(tokenizer, spec: str, seqlen: int, what: str = "--seqlen") -> None:
+    """Before the expensive part: the perplexity text loads (a hub dataset is fetched now) and holds
+    at least one window of ``seqlen`` tokens (``what``: how the user sets that length)."""
+    from losa.data import load_documents, tokenize_documents
+    from losa.errors import DataError
+
+    tokens = tokenize_documents(tokenizer, load_documents(spec, "eval")).numel()
+    if tokens < seqlen:
+        raise DataError(f"evaluation text {spec} has {tokens} tokens, fewer than one window of {seqlen}; "
+                        f"lower {what} or give more text")
 
 
 def _state_dir(config: FinetuneConfig):
@@ -102,15 +125,22 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     config = dataclasses.replace(config, device=local_device(config.device))
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)
+    for spec in (config.calib, config.train, config.eval):  # missing files fail before the model is loaded
+        if spec:
+            DataSpec.parse(spec)
     timer = Timer()
     with timer("load"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, allow_pickle=config.allow_pickle,
                                       trust_remote_code=config.trust_remote_code)
     check_context_length(model, config.seqlen)
     check_context_length(model, config.train_seqlen, "--train-seqlen")
+    if config.eval and config.eval_seqlen is not None:
+        check_context_length(model, config.eval_seqlen, "--eval-seqlen")
     with timer("data"):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
         samples = training_samples(tokenizer, config.train, config.train_samples, config.train_seqlen, config.seed)
+        if config.eval:  # the evaluation text too (hub download, at least one window): not after training
+            check_evaluation_text(tokenizer, config.eval, config.eval_seqlen or config.seqlen, "--eval-seqlen")
     torch.manual_seed(config.seed)
     extra: dict = {}
     records = []
@@ -140,7 +170,8 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     report.layers = layer_sparsities(base)
     if config.eval:
         with timer("eval"):
-            ev = evaluate(EvalConfig(model=config.model, data=config.eval, seqlen=config.eval_seqlen or config.seqlen,
+            ev = evaluate(EvalConfig(model=config.model, data=config.eval,
+                                     seqlen=config.seqlen if config.eval_seqlen is None else config.eval_seqlen,
                                      device=config.device, max_windows=config.eval_max_windows), model=model, tokenizer=tokenizer)
         report.metrics["perplexity"] = ev["perplexity"]
         report.metrics["eval_tokens"] = ev["tokens"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,24 @@ import torch
 from losa.errors import ModelError, OutputError
 from losa.models.registry import architecture_for_type, supported_model_types
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+LORA_ADAPTER_SUBDIR = "lora-adapter"  # where api.finetune keeps the LoRA baseline's unmerged adapter
+# files of which a Hugging Face tokenizer needs at least one
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` of an exception on one line (library messages often span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _needs_remote_code(path: Path) -> ModelError:
+    return ModelError(
+        f"{path} ships its own model code (auto_map in config.json), which runs only when you allow it: "
+        "pass --trust-remote-code (trust_remote_code: true in a run config) if you trust its source"
+    )
 
 
 def check_model_dir(path: Path, allow_pickle: bool) -> None:
@@ -48,7 +66,80 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelError(f"cannot read the model config in {path}: {e}") from None
+        if "trust_remote_code" in str(e):
+            raise _needs_remote_code(Path(path)) from None
+        raise ModelError(f"cannot read the model config in {path} ({_one_line(e)}); is config.json intact?") from None
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved beside a checkpoint; ModelError (one line) if there is none or it is broken."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    save_hint = f"save the model's own tokenizer beside it (tokenizer.save_pretrained({str(path)!r}))"
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        raise ModelError(f"{path} holds no tokenizer (no tokenizer.json or tokenizer_config.json); {save_hint}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise _needs_remote_code(path) from None
+        raise ModelError(f"cannot load the tokenizer in {path} ({_one_line(e)}); {save_hint}") from None
+
+
+def _token_ids(*configs, name: str) -> set[int]:
+    """Every value of ``name`` (int, list of ints or None) in the given configs."""
+    ids: set[int] = set()
+    for config in configs:
+        value = getattr(config, name, None) if config is not None else None
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+def check_tokenizer_matches(model, tokenizer, path) -> None:
+    """A tokenizer that clearly belongs to another model: more tokens than the embedding, or other
+    EOS / BOS ids than config.json (or generation_config.json) gives. Unset ids are not compared."""
+    fix = "save the model's own tokenizer beside it"
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise ModelError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model embeds only {embeddings}: "
+            f"tokenizer and model do not match; {fix}"
+        )
+    for which in ("eos", "bos"):
+        token_id = getattr(tokenizer, f"{which}_token_id", None)
+        expected = _token_ids(model.config, getattr(model, "generation_config", None), name=f"{which}_token_id")
+        if token_id is None or not expected or token_id in expected:
+            continue
+        shown = sorted(expected)[0] if len(expected) == 1 else sorted(expected)
+        raise ModelError(
+            f"the tokenizer in {path} does not match the model: its {which.upper()} token "
+            f"{getattr(tokenizer, f'{which}_token')!r} has id {token_id}, but config.json has {which}_token_id {shown}; "
+            f"{fix} (or correct {which}_token_id in config.json if this tokenizer is the right one)"
+        )
+
+
+def _shape_mismatches(path: Path, config, trust_remote_code: bool) -> list[tuple[str, tuple, tuple]]:
+    """(name, shape in the checkpoint, shape config.json implies) of tensors that differ; [] if unknown."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        found = []
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name in expected and expected[name] != shape:
+                        found.append((name, shape, expected[name]))
+        return found
+    except Exception:  # best effort: only to name a tensor in the message
+        return []
 
 
 def load_model(
@@ -60,7 +151,7 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """(model, tokenizer) from a local checkpoint; safetensors only unless ``allow_pickle``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
     check_model_dir(path, allow_pickle)
@@ -82,6 +173,7 @@ def load_model(
         )
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tokenizer = load_tokenizer(path, trust_remote_code)  # before the weights: a missing one fails fast
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
@@ -90,37 +182,77 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
     except Exception as e:
-        raise ModelError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise ModelError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e}); save one beside the model") from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise ModelError(
-            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model embeds only "
-            f"{model.get_input_embeddings().num_embeddings}: tokenizer and model do not match"
-        )
+        if "trust_remote_code" in str(e):
+            raise _needs_remote_code(path) from None
+        if "ignore_mismatched_sizes" in str(e) or "size mismatch" in str(e):
+            mismatches = _shape_mismatches(path, config, trust_remote_code)
+            example = ""
+            if mismatches:
+                name, found, wanted = mismatches[0]
+                example = (f" ({len(mismatches)} tensor(s), e.g. {name} is {list(found)} in the weights but "
+                           f"{list(wanted)} by config.json)")
+            raise ModelError(
+                f"the weights in {path} do not have the shapes its config.json describes{example}: "
+                "config.json belongs to another model; restore the checkpoint's own config.json"
+            ) from None
+        raise ModelError(f"cannot load the model in {path} ({_one_line(e)}); is the checkpoint complete?") from None
+    check_tokenizer_matches(model, tokenizer, path)
     model.config.use_cache = False
     return model.to(device), tokenizer
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` cannot be written."""
+def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """Fail early (before any work) if ``out`` cannot be written (``flag``: how the user names it)."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
-        raise OutputError(f"output directory {out} already exists; pass --overwrite to replace it or choose another --out")
+        raise OutputError(f"output directory {out} already exists; pass --overwrite to replace it or choose another {flag}")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} is a file, not a directory; choose another --out")
-    parent = out.parent
-    existing = parent
+        raise OutputError(f"output path {out} is a file, not a directory; choose another {flag}")
+    existing = out.parent
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create {out}: {existing} is a file, not a directory; choose another {flag}")
     try:  # a real write catches read-only file systems too (os.access does not, for root)
         probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".losa-write-probe-")
         probe.close()
     except OSError:
-        raise OutputError(f"cannot write to {existing} (read-only or no permission); choose another --out") from None
+        raise OutputError(f"cannot write to {existing} (read-only or no permission); choose another {flag}") from None
     return out
+
+
+def lora_adapter_dir(path: str | Path) -> Path | None:
+    """The unmerged LoRA adapter a LoRA-baseline checkpoint keeps beside its sparse base, if any."""
+    adapter = Path(path).expanduser() / LORA_ADAPTER_SUBDIR
+    return adapter if adapter.is_dir() else None
+
+
+def load_evaluation_model(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) as it is evaluated: ``load_model``, plus the unmerged LoRA adapter in
+    ``path/lora-adapter/`` when there is one (the LoRA baseline: merging it would destroy the
+    sparsity, and the base alone lacks what LoRA learned)."""
+    model, tokenizer = load_model(path, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    adapter = lora_adapter_dir(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        log.info("%s: evaluating with the unmerged LoRA adapter in %s/", path, LORA_ADAPTER_SUBDIR)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except Exception as e:
+            raise ModelError(
+                f"cannot load the LoRA adapter in {adapter} ({_one_line(e)}); remove that directory to evaluate "
+                "the sparse base alone"
+            ) from None
+        model.eval()
+    return model.to(device), tokenizer
 
 
 def check_context_length(model, seqlen: int, what: str = "--seqlen") -> None:

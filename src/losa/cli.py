@@ -104,22 +104,43 @@ def _add_finetune(sub) -> None:
     _add_common(p)
 
 
+def _flags_named(cls, kwargs: dict, renamed: dict[str, str] | None = None):
+    """``cls(**kwargs)``; a ConfigError whose message starts with one of its field names
+    ("eval_seqlen must be ...") names the command-line flag instead ("--eval-seqlen must be ...").
+    ``renamed``: field -> flag where the flag is not ``--field-name``."""
+    from dataclasses import fields
+
+    from losa.errors import ConfigError
+
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        name, sep, rest = str(e).partition(" ")
+        if name in {f.name for f in fields(cls)}:
+            flag = (renamed or {}).get(name, "--" + name.replace("_", "-"))
+            raise ConfigError(flag + sep + rest) from None
+        raise
+
+
 def finetune_config(args: argparse.Namespace):
     from losa.config import FinetuneConfig, LosaConfig, TrainConfig
 
-    return FinetuneConfig(
+    losa = _flags_named(LosaConfig, dict(
+        steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule, lsr=not args.no_lsr,
+        sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by, mixed_nm=args.mixed_nm, shrink=args.shrink,
+        lsr_samples=args.lsr_samples, sra_samples=args.sra_samples, lora_rank=args.lora_rank, delta=args.delta,
+    ))
+    training = _flags_named(TrainConfig, dict(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
+                            {"learning_rate": "--lr", "batch_size": "--train-batch-size"})
+    return _flags_named(FinetuneConfig, dict(
         model=args.model, out=args.out, method=args.method, pruner=args.pruner, sparsity=args.sparsity,
         pattern=args.pattern, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, train=args.train,
         train_samples=args.train_samples, train_seqlen=args.train_seqlen, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_windows=args.eval_max_windows,
         seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite,
         resume=not args.restart, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        losa=LosaConfig(steps=args.steps, r0=args.r0, alpha=args.alpha, dropout=args.dropout, schedule=args.schedule,
-                        lsr=not args.no_lsr, sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by,
-                        mixed_nm=args.mixed_nm, shrink=args.shrink, lsr_samples=args.lsr_samples, sra_samples=args.sra_samples,
-                        lora_rank=args.lora_rank, delta=args.delta),
-        training=TrainConfig(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
-    )
+        losa=losa, training=training,
+    ))
 
 
 def _add_export(sub) -> None:
@@ -155,35 +176,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_export_source(model: str) -> None:
+    """What ``losa export`` cannot read, said in its own terms (it has no --allow-pickle: it reads
+    safetensors only); and a LoRA baseline's adapter, which the export leaves out."""
+    from pathlib import Path
+
+    from losa.checkpoint import lora_adapter_dir
+    from losa.errors import ModelError
+
+    path = Path(model).expanduser()
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+        raise ModelError(
+            f"{path} holds only pickled weights (*.bin) and losa export reads safetensors only (it has no "
+            "--allow-pickle); re-save the checkpoint as safetensors (AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR) writes them) and export that"
+        )
+    if path.is_dir() and lora_adapter_dir(path) is not None:
+        log.warning("%s keeps an unmerged LoRA adapter in lora-adapter/; the export holds the sparse base only", path)
+
+
 def _run(args: argparse.Namespace) -> int:
     from losa import api
     from losa.config import EvalConfig, PruneConfig
 
     if args.command == "prune":
-        config = PruneConfig(
+        config = _flags_named(PruneConfig, dict(
             model=args.model, out=args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
             calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
             dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code,
-        )
+        ))
         report = api.prune(config)
         print(f"wrote {args.out} (overall sparsity {report['overall_sparsity']:.4f}, {report['timings_s']['prune']:.1f} s pruning)")
         return 0
     if args.command == "eval":
+        from losa.config import check_device_available
+
         result: dict = {}
+        check_device_available(args.device)
+        config = None
         if args.data is not None or args.tasks is None:
-            config = EvalConfig(
+            config = _flags_named(EvalConfig, dict(
                 model=args.model, data=args.data or "wikitext2", seqlen=args.seqlen, batch_size=args.batch_size,
                 device=args.device, dtype=args.dtype, max_windows=args.max_windows, allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
-            )
+            ))
+        if args.tasks is not None:
+            from losa.zeroshot import PAPER_TASKS, check_tasks, zero_shot
+
+            tasks = PAPER_TASKS if args.tasks == "paper" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+            if config is not None:  # a bad task or its missing data fails now, not after the perplexity
+                check_tasks(tasks, args.include_path)
+        if config is not None:
             result = api.evaluate(config)
             if not args.json:
                 print(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens ({config.data})")
         if args.tasks is not None:
-            from losa.zeroshot import PAPER_TASKS, zero_shot
-
-            tasks = PAPER_TASKS if args.tasks == "paper" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
             zs = zero_shot(args.model, tasks, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                            limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
@@ -202,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from losa.export import export_compressed
 
+        _check_export_source(args.model)
         info = export_compressed(args.model, args.out, format=args.format, overwrite=args.overwrite)
         print(f"wrote {args.out}: {info['format']}, sparsity {info['global_sparsity']:.4f}, "
               f"{info['export_bytes']:,} bytes vs {info['dense_bytes']:,} dense ({info['ratio']:.3f}x)")

@@ -26,7 +26,11 @@ def check_device_available(device: str) -> None:
     """At run time (a config may be written on a CPU machine for a GPU one)."""
     import torch
 
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
 
 
@@ -35,6 +39,13 @@ def _check_positive(obj, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_window(obj, name: str, unset: str = "") -> None:
+    """A window length: an integer >= 2 (a window of n tokens predicts n - 1 of them)."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"{name} must be an integer of at least 2 tokens{unset}, got {value!r}")
 
 
 @dataclass
@@ -63,9 +74,8 @@ class PruneConfig:
         if (self.sparsity is None) == (self.pattern is None):
             raise ConfigError("give exactly one of --sparsity (e.g. 0.5) or --pattern (e.g. 2:4)")
         self.target()  # validates
-        _check_positive(self, "nsamples", "seqlen", "batch_size")
-        if self.seqlen < 2:
-            raise ConfigError("seqlen must be at least 2")
+        _check_positive(self, "nsamples", "batch_size")
+        _check_window(self, "seqlen")
         _check_device_dtype(self)
 
     def target(self):
@@ -96,7 +106,8 @@ class EvalConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "seqlen", "batch_size")
+        _check_window(self, "seqlen")
+        _check_positive(self, "batch_size")
         if self.max_windows is not None:
             _check_positive(self, "max_windows")
         _check_device_dtype(self)
@@ -191,6 +202,25 @@ class LosaConfig:
             raise ConfigError(f"beta must be >= 0 (or null for the pruner's default), got {self.beta!r}")
         if self.delta is not None and not 0 <= self.delta < 0.5:
             raise ConfigError(f"delta must be in [0, 0.5) (or null for the paper's table), got {self.delta!r}")
+        self._check_rank_range()
+
+    def _check_rank_range(self) -> None:
+        """SRA allocates ranks in [r_min, r_max] around each step's mean rank (Eq. 9: r0, r0 + 1, ...,
+        r0 + steps - 1; without DSA only the last): every mean rank must lie in that range, or the
+        rank budget fails after the first step's pruning."""
+        if not self.sra:  # uniform ranks: the mean rank itself, not clipped to [r_min, r_max]
+            return
+        first, last = (self.r0 if self.dsa else self.final_mean_rank()), self.final_mean_rank()
+        if last > self.r_max:
+            raise ConfigError(
+                f"the mean rank of the last step, r0 + steps - 1 = {self.r0} + {self.steps} - 1 = {last}, exceeds "
+                f"r_max = {self.r_max}: lower r0 or steps so that r0 + steps - 1 <= {self.r_max} (or raise r_max)"
+            )
+        if first < self.r_min:
+            which = "of the first step, r0 =" if self.dsa else "(one step without DSA), r0 + steps - 1 ="
+            raise ConfigError(
+                f"the mean rank {which} {first}, is below r_min = {self.r_min}: raise r0 (or lower r_min)"
+            )
 
     def final_mean_rank(self) -> int:
         return self.r0 + self.steps - 1
@@ -240,9 +270,15 @@ class FinetuneConfig:
             raise ConfigError(f"unknown pruner {self.pruner!r}; choose one of {', '.join(PRUNERS)}")
         PruneConfig(model=self.model, method=self.pruner, sparsity=self.sparsity, pattern=self.pattern,
                     nsamples=self.nsamples, seqlen=self.seqlen)  # validates the target and sizes
-        _check_positive(self, "train_samples", "train_seqlen", "batch_size")
-        if self.train_seqlen < 2:
-            raise ConfigError("train_seqlen must be at least 2")
+        _check_positive(self, "train_samples", "batch_size")
+        _check_window(self, "train_seqlen")
+        # the evaluation runs after training: its settings are checked now, not hours later
+        if self.eval is not None and (not isinstance(self.eval, str) or not self.eval.strip()):
+            raise ConfigError(f"eval must be a data spec (text:PATH, jsonl:PATH, wikitext2, c4) or unset, got {self.eval!r}")
+        if self.eval_seqlen is not None:
+            _check_window(self, "eval_seqlen", " (or unset to use seqlen)")
+        if self.eval_max_windows is not None:
+            _check_positive(self, "eval_max_windows")
         _check_device_dtype(self)
 
     def target(self):

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from losa.errors import ConfigError
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, device: torch.device | str | None = None) -> dict:
@@ -16,6 +18,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, 
     ``windows`` is (n, seqlen); each window is scored independently (no context carried over), so
     every window contributes seqlen - 1 predictions.
     """
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ConfigError(
+            f"perplexity needs at least one window of at least 2 tokens (a window of n tokens scores n - 1 "
+            f"predictions), got windows of shape {tuple(windows.shape)}; use seqlen >= 2"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()

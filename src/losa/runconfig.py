@@ -54,6 +54,7 @@ from pathlib import Path
 
 import yaml
 
+from losa.checkpoint import LORA_ADAPTER_SUBDIR
 from losa.config import EvalConfig, FinetuneConfig, LosaConfig, PruneConfig, TrainConfig
 from losa.distributed import main_process_writes
 from losa.errors import ConfigError, OutputError
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 _ZERO_SHOT = inspect.signature(zero_shot).parameters
 _EXPORT = inspect.signature(export_compressed).parameters
 MODEL_SUBDIR, EXPORT_SUBDIR = "model", "compressed"
-LORA_ADAPTER_SUBDIR = "lora-adapter"  # where api.finetune keeps the unmerged LoRA baseline's adapter
 
 
 # ---------------------------------------------------------------- the typed configuration tree
@@ -548,11 +548,14 @@ def _check_outputs(config: RunConfig) -> None:
     if earlier and not config.prune.overwrite:
         raise OutputError(f"{out} already holds a run ({', '.join(earlier)}); set overwrite: true in "
                           f"{config.source} to replace it, or choose another out")
-    check_output_dir(config.model_dir, config.prune.overwrite)
+    check_output_dir(config.model_dir, config.prune.overwrite, flag="out")
 
 
 def _check_inputs(config: RunConfig) -> None:
-    """Local data files exist and zero-shot tasks are known, before hours of pruning and training."""
+    """Everything the later stages read, checked before hours of pruning and training: the model's
+    config (windows within its context), local data files, the perplexity text (at least one
+    window; a hub dataset is fetched now) and the zero-shot tasks with their data."""
+    from losa.checkpoint import check_model_dir, load_config, load_tokenizer
     from losa.data import DataSpec
 
     DataSpec.parse(config.prune.calib)
@@ -560,10 +563,27 @@ def _check_inputs(config: RunConfig) -> None:
         DataSpec.parse(config.finetune.train)
     if config.perplexity is not None:
         DataSpec.parse(config.perplexity.data)
-    if config.zero_shot is not None:
-        from losa.zeroshot import resolve_task_manager
+    model = Path(config.prune.model).expanduser()
+    check_model_dir(model, config.prune.allow_pickle)
+    limit = getattr(load_config(model, config.prune.trust_remote_code), "max_position_embeddings", None)
+    windows = [("calibration.seqlen", config.prune.seqlen)]
+    if config.finetune is not None:
+        windows.append(("finetune.seqlen", config.finetune.train_seqlen))
+    if config.perplexity is not None:
+        windows.append(("evaluate.perplexity.seqlen", config.perplexity.seqlen))
+    for key, seqlen in windows:
+        if limit is not None and seqlen > limit:
+            raise ConfigError(f"{config.source}: {key}: {seqlen} exceeds the context length of {model} "
+                              f"({limit} tokens); lower {key}")
+    if config.perplexity is not None:
+        from losa.api import check_evaluation_text
 
-        resolve_task_manager(config.zero_shot.tasks, config.zero_shot.include_path)
+        check_evaluation_text(load_tokenizer(model, config.prune.trust_remote_code), config.perplexity.data,
+                              config.perplexity.seqlen, "evaluate.perplexity.seqlen")
+    if config.zero_shot is not None:
+        from losa.zeroshot import check_tasks
+
+        check_tasks(config.zero_shot.tasks, config.zero_shot.include_path)
 
 
 def _evaluation_model(config: RunConfig):
@@ -572,18 +592,12 @@ def _evaluation_model(config: RunConfig):
     The LoRA baseline is saved as the sparse base plus its unmerged adapter beside it (merging
     would destroy the sparsity); evaluating the base alone would drop what LoRA learned.
     """
-    adapter = config.model_dir / LORA_ADAPTER_SUBDIR
-    if config.finetune is None or config.finetune.method != "lora" or not adapter.is_dir():
+    from losa.checkpoint import load_evaluation_model, lora_adapter_dir
+
+    if config.finetune is None or config.finetune.method != "lora" or lora_adapter_dir(config.model_dir) is None:
         return None, None
-    from peft import PeftModel
-
-    from losa.checkpoint import load_model
-
-    model, tokenizer = load_model(config.model_dir, dtype=config.prune.dtype, device=config.prune.device,
-                                  trust_remote_code=config.prune.trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter)).to(config.prune.device)
-    model.eval()
-    return model, tokenizer
+    return load_evaluation_model(config.model_dir, dtype=config.prune.dtype, device=config.prune.device,
+                                 trust_remote_code=config.prune.trust_remote_code)
 
 
 def _stage_summary(report: dict) -> dict:

@@ -8,6 +8,8 @@ lm-eval's result dictionary into per-task ``acc`` / ``acc_norm`` (with standard 
 The paper's tasks download their datasets from the Hugging Face Hub on first use. Offline, point
 ``include_path`` at a directory of lm-eval task YAMLs whose ``dataset_path: json`` /
 ``dataset_kwargs.data_files`` name local files (see ``tests/data/zeroshot/`` for a minimal one).
+lm-eval (``datasets``) resolves a relative ``data_files`` path against the working directory, not
+against the YAML's folder: write it relative to where you run losa, or absolute.
 """
 
 from __future__ import annotations
@@ -91,9 +93,19 @@ def load_tasks(manager, tasks: Sequence[str]) -> list:
                 ) from None
             raise DataError(
                 f"cannot load the dataset of zero-shot task {name!r} ({type(e).__name__}: {e}); "
-                "check the task YAML's dataset_path / data_files"
+                "check the task YAML's dataset_path / data_files (lm-eval resolves a relative data_files path "
+                "against the working directory, not the YAML's folder)"
             ) from None
     return loaded
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None) -> list[str]:
+    """Resolve ``tasks`` and load their data now (ConfigError / DataError naming the task), so that a
+    bad task fails before hours of pruning, training or perplexity rather than after; their names."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ConfigError("no zero-shot tasks given; pass --tasks a,b,c (the paper's: " + ",".join(PAPER_TASKS) + ")")
+    return [t.task_name for t in load_tasks(resolve_task_manager(tasks, include_path), tasks)]
 
 
 def _metric(task_result: dict, name: str) -> float | None:
@@ -157,16 +169,22 @@ def zero_shot(
     """Zero-shot accuracy of a causal LM on lm-eval tasks.
 
     ``model_path_or_model`` is a local checkpoint directory (loaded with losa's safe loader in
-    ``dtype`` onto ``device``) or an in-memory model, which then needs ``tokenizer`` and is moved
-    to ``device``. ``limit`` evaluates only the first N documents of each task (for smoke tests).
+    ``dtype`` onto ``device``, with its unmerged LoRA adapter if it has one, as ``losa.api.evaluate``)
+    or an in-memory model, which then needs ``tokenizer`` and is moved to ``device``. ``limit``
+    evaluates only the first N documents of each task (for smoke tests).
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}},
-    "mean_acc", "mean_acc_norm", "num_fewshot", "limit", "lm_eval_version"}`` (``acc_norm`` only where
-    lm-eval reports it) and, with ``return_samples``, per-document log-likelihoods under "per_doc".
+    "mean_acc", "mean_acc_norm", "num_fewshot", "limit", "lm_eval_version", "timings_s"}`` (``acc_norm``
+    only where lm-eval reports it; ``timings_s``: seconds of loading the tasks, the model and of the
+    evaluation) and, with ``return_samples``, per-document log-likelihoods under "per_doc".
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from losa.config import check_device_available
+    from losa.report import Timer
+
+    check_device_available(str(device))
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ConfigError("no zero-shot tasks given; pass --tasks a,b,c (the paper's: " + ",".join(PAPER_TASKS) + ")")
@@ -177,17 +195,22 @@ def zero_shot(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
+    timer = Timer()
     # Resolve and load the tasks (and their data) before loading the model: bad input fails fast.
-    manager = resolve_task_manager(tasks, include_path)
-    task_objects = load_tasks(manager, tasks)
+    with timer("tasks"):
+        manager = resolve_task_manager(tasks, include_path)
+        task_objects = load_tasks(manager, tasks)
     task_names = [t.task_name for t in task_objects]
 
+    adapter = None
     if isinstance(model_path_or_model, (str, Path)):
-        from losa.checkpoint import load_model
+        from losa.checkpoint import load_evaluation_model, lora_adapter_dir
 
-        model, tokenizer = load_model(
-            model_path_or_model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-        )
+        with timer("load"):
+            model, tokenizer = load_evaluation_model(
+                model_path_or_model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            )
+        adapter = lora_adapter_dir(model_path_or_model)
     else:
         if tokenizer is None:
             raise ConfigError("zero_shot on an in-memory model needs its tokenizer (tokenizer=...)")
@@ -200,14 +223,15 @@ def zero_shot(
     logger.info("zero-shot: %s (%d-shot%s)", ", ".join(task_names), num_fewshot, f", first {limit} docs" if limit else "")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_objects,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=return_samples,
-        )
+        with timer("evaluate"):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=task_objects,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=return_samples,
+            )
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
@@ -216,7 +240,9 @@ def zero_shot(
     for name, row in summary["tasks"].items():
         logger.info("%s: acc %.4f%s", name, row["acc"], f", acc_norm {row['acc_norm']:.4f}" if "acc_norm" in row else "")
     logger.info("mean acc over %d tasks: %.4f", len(task_names), summary["mean_acc"])
-    summary.update(num_fewshot=num_fewshot, limit=limit, lm_eval_version=lm_eval.__version__)
+    summary.update(num_fewshot=num_fewshot, limit=limit, lm_eval_version=lm_eval.__version__, timings_s=timer.seconds)
+    if adapter is not None:
+        summary["lora_adapter"] = str(adapter)
     if return_samples:
         summary["per_doc"] = {name: _per_doc(results["samples"][name]) for name in task_names}
     return summary
