@@ -56,6 +56,7 @@ def test_losa_end_to_end_exact_sparsity(tmp_path, model_dirs, text_file, arch):
     names = {l["name"]: l for l in saved["layers"]}
     state = load_file(str(out / "model.safetensors"))
     assert not any("lora" in k for k in state)
+    assert all(layer["target"] == steps[-1]["block_patterns"][layer["block"]] for layer in names.values())
     for name, layer in names.items():
         w = dict(model.named_modules())[name].weight
         assert float((w == 0).float().mean()) == pytest.approx(layer["sparsity"])
@@ -200,3 +201,24 @@ def test_collator_masks_only_its_own_padding(tokenizer):
     padded = batch["attention_mask"][1] == 0
     assert padded.sum() == 3 and (batch["labels"][1][padded] == -100).all()
     assert batch["labels"][1][~padded].tolist() == [8, eos]
+
+
+def test_merge_check_refuses_a_layer_less_sparse_than_its_pattern():
+    from conftest import tiny_model
+
+    from losa.api import _check_merged_sparsity
+    from losa.models.registry import architecture_of
+    from losa.pruning.patterns import Pattern
+
+    model = tiny_model("llama")
+    arch = architecture_of(model)
+    masks = {f"{arch.blocks_path}.{i}.{n}": lin.weight != 0 for i, b in enumerate(arch.blocks(model))
+             for n, lin in arch.linears(b).items()}
+    blocks = len(arch.blocks(model))
+    _check_merged_sparsity(model, masks, [Pattern.unstructured(0.0)] * blocks)  # dense model, dense pattern: fine
+    with pytest.raises(RuntimeError, match="less sparse than its step-T pattern 0.5"):
+        _check_merged_sparsity(model, masks, [Pattern.unstructured(0.5)] * blocks)
+    name = next(iter(masks))
+    masks[name] = torch.zeros_like(masks[name])  # "pruned" everywhere, but the weights are not zero
+    with pytest.raises(RuntimeError, match="merging broke the sparsity"):
+        _check_merged_sparsity(model, masks, [Pattern.unstructured(0.0)] * blocks)

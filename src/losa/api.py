@@ -13,8 +13,11 @@ from losa.config import EvalConfig, PruneConfig, check_device_available
 from losa.data import DataSpec, calibration_ids, evaluation_ids
 from losa.distributed import local_device, main_process_writes
 from losa.perplexity import perplexity
+from losa.models.registry import architecture_of
 from losa.pruning import make_pruner
-from losa.pruning.sequential import prune_model
+from losa.pruning.masks import meets_pattern
+from losa.pruning.patterns import Pattern
+from losa.pruning.sequential import expand_patterns, layer_sparsities, prune_model
 from losa.report import Report, Timer
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,6 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     from losa.algorithm import run_losa
     from losa.baselines import BASELINES
     from losa.plots import plot_run
-    from losa.pruning.sequential import layer_sparsities
     from losa.state import RunState
     from losa.train import training_samples
 
@@ -156,9 +158,10 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
         state.start()
         with timer("losa"):
             records = run_losa(model, tokenizer, calib, samples, config, state, stop_after=stop_after)
+        final_patterns = [Pattern.parse(p) for p in records[-1].block_patterns]
         masks = {name: layer.mask.clone() for name, layer in adapter_layers(model).items()}
         remove_adapters(model)
-        _check_merged_sparsity(model, masks)
+        _check_merged_sparsity(model, masks, final_patterns)
         extra["steps"] = [r.as_dict() for r in records]
         extra["trainable_parameters"] = records[-1].trainable_parameters
     else:
@@ -167,7 +170,9 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
         extra.update(summary)
     report = Report("finetune", config.as_dict(), extra=extra)
     base = model.get_base_model() if config.method == "lora" else model
-    report.layers = layer_sparsities(base)
+    if config.method != "losa":  # the baselines prune one shot to the target
+        final_patterns = expand_patterns(config.target(), len(architecture_of(base).blocks(base)))
+    report.layers = layer_sparsities(base, final_patterns)
     if config.eval:
         with timer("eval"):
             ev = evaluate(EvalConfig(model=config.model, data=config.eval,
@@ -205,10 +210,15 @@ def _write_output(out, overwrite: bool, report: Report, timer: Timer, write_mode
 
 
 @torch.no_grad()
-def _check_merged_sparsity(model, masks: dict) -> None:
-    """The merged model must be exactly as sparse as the step-T masks: zeros wherever pruned."""
-    modules = dict(model.named_modules())
-    for name, keep in masks.items():
-        weight = modules[name].weight
-        if (weight[~keep] != 0).any():
-            raise RuntimeError(f"merging broke the sparsity of {name}: a pruned weight became non-zero")
+def _check_merged_sparsity(model, masks: dict, patterns: list) -> None:
+    """The merged model must be exactly as sparse as the step-T masks (zeros wherever pruned), and
+    every layer's mask as sparse as its block's step-T pattern asks."""
+    arch = architecture_of(model)
+    for i, block in enumerate(arch.blocks(model)):
+        for short, linear in arch.linears(block).items():
+            name, keep = f"{arch.blocks_path}.{i}.{short}", masks[f"{arch.blocks_path}.{i}.{short}"]
+            if (linear.weight[~keep] != 0).any():
+                raise RuntimeError(f"merging broke the sparsity of {name}: a pruned weight became non-zero")
+            if not meets_pattern(keep, patterns[i]):
+                raise RuntimeError(f"{name} is less sparse than its step-T pattern {patterns[i]} "
+                                   f"({float((~keep).float().mean()):.4f} pruned)")
