@@ -69,7 +69,8 @@ def main() -> int:
         print(f"{name:<20} {ppl:>10.2f} {sparsity:>9.2%}")
     print(f"\nLoSA steps (target sparsity, mean rank): "
           + ", ".join(f"({s['target_sparsity']:.3f}, {s['mean_rank']})" for s in losa["steps"]))
-    print(f"{export['format']} export: {export['export_bytes'] / 1e6:.1f} MB vs {export['dense_bytes'] / 1e6:.1f} MB dense")
+    print(f"{export['format']} export: {export['export_bytes'] / 1e6:.1f} MB vs {export['dense_bytes'] / 1e6:.1f} MB dense "
+          f"(prunable weights {export['prunable_ratio']:.2f}x)")
     return 0
 
 

@@ -25,3 +25,21 @@ def test_demo_prunes_recovers_and_writes_a_sparse_checkpoint(tmp_path):
     assert [step["step"] for step in report["steps"]] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (out / "losa" / "plots").glob("*.png")) == [
         "ranks_by_step.png", "sparsity_by_step.png", "training_loss.png"]
+
+
+@pytest.mark.slow
+def test_api_example_runs_every_stage(tmp_path):
+    """examples/api_example.py (prune, LoSA, evaluate, export through the Python API) as documented."""
+    if not (ROOT / "data" / "corpus" / "eval.txt").exists():  # the demo test above builds it
+        subprocess.run([sys.executable, "-m", "losa.reference.corpus", "--out", str(ROOT / "data" / "corpus")], check=True)
+    out = tmp_path / "api"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "api_example.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.rsplit(None, 2)[0]: [float(v.rstrip("%")) for v in line.rsplit(None, 2)[1:]]
+            for line in done.stdout.splitlines() if line.startswith(("dense", "Wanda"))}
+    dense, pruned, losa = rows["dense"], rows["Wanda 70 %"], rows["Wanda 70 % + LoSA"]
+    assert dense[0] < losa[0] < pruned[0]
+    assert pruned[1] == pytest.approx(70, abs=0.5) and losa[1] == pytest.approx(70, abs=0.5)
+    config = json.loads((out / "wanda70-losa-compressed" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"

@@ -310,3 +310,14 @@ def test_losa_refuses_to_load_an_export(tmp_path, model_dirs):
     export_compressed(src, tmp_path / "ct")
     with pytest.raises(ModelError, match="compressed-tensors export"):
         load_model(tmp_path / "ct")
+
+
+def test_api_export_of_pickled_weights_names_its_own_fix(tmp_path):
+    """The API and the CLI share the check: no --allow-pickle is suggested (export has none)."""
+    p = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.config.save_pretrained(p)
+    torch.save(model.state_dict(), p / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="reads safetensors only") as err:
+        export_compressed(p, tmp_path / "ct")
+    assert "pass --allow-pickle" not in str(err.value) and not (tmp_path / "ct").exists()

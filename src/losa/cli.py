@@ -176,25 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_export_source(model: str) -> None:
-    """What ``losa export`` cannot read, said in its own terms (it has no --allow-pickle: it reads
-    safetensors only); and a LoRA baseline's adapter, which the export leaves out."""
-    from pathlib import Path
-
-    from losa.checkpoint import lora_adapter_dir
-    from losa.errors import ModelError
-
-    path = Path(model).expanduser()
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
-        raise ModelError(
-            f"{path} holds only pickled weights (*.bin) and losa export reads safetensors only (it has no "
-            "--allow-pickle); re-save the checkpoint as safetensors (AutoModelForCausalLM.from_pretrained(DIR)"
-            ".save_pretrained(NEW_DIR) writes them) and export that"
-        )
-    if path.is_dir() and lora_adapter_dir(path) is not None:
-        log.warning("%s keeps an unmerged LoRA adapter in lora-adapter/; the export holds the sparse base only", path)
-
-
 def _run(args: argparse.Namespace) -> int:
     from losa import api
     from losa.config import EvalConfig, PruneConfig
@@ -250,10 +231,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from losa.export import export_compressed
 
-        _check_export_source(args.model)
         info = export_compressed(args.model, args.out, format=args.format, overwrite=args.overwrite)
         print(f"wrote {args.out}: {info['format']}, sparsity {info['global_sparsity']:.4f}, "
-              f"{info['export_bytes']:,} bytes vs {info['dense_bytes']:,} dense ({info['ratio']:.3f}x)")
+              f"{info['export_bytes']:,} bytes vs {info['dense_bytes']:,} dense ({info['ratio']:.3f}x; prunable weights "
+              f"{info['prunable_ratio']:.3f}x)")
         return 0
     if args.command == "finetune":
         report = api.finetune(finetune_config(args))

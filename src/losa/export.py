@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from losa.checkpoint import check_model_dir
+from losa.checkpoint import check_model_dir, lora_adapter_dir
 from losa.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -134,9 +134,17 @@ def _dir_bytes(directory: Path, names: list[str] | None = None) -> int:
 
 
 def _check_source(model_dir: Path) -> None:
-    check_model_dir(model_dir, allow_pickle=False)
+    check_model_dir(model_dir, allow_pickle=True)  # pickled weights get export's own message just below
     if not any(model_dir.glob("*.safetensors")):
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+            raise ModelError(
+                f"{model_dir} holds only pickled weights (*.bin) and losa export reads safetensors only (it has no "
+                "--allow-pickle); re-save the checkpoint as safetensors (AutoModelForCausalLM.from_pretrained(DIR)"
+                ".save_pretrained(NEW_DIR) writes them) and export that"
+            )
         raise ModelError(f"{model_dir} holds no *.safetensors weights; export reads safetensors checkpoints (re-save with losa prune)")
+    if lora_adapter_dir(model_dir) is not None:
+        logger.warning("%s keeps an unmerged LoRA adapter in lora-adapter/; the export holds the sparse base only", model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
         raise ModelError(f"{model_dir} is already a compressed-tensors checkpoint; export the dense pruned checkpoint instead")
