@@ -119,8 +119,13 @@ def layer_sparsity(
     if floor is None and (n_blocks == 1 or delta == 0):
         return [float(target)] * n_blocks
 
+    # The solution only depends on the order of the importances, not their scale (the sum of the
+    # rates is fixed), but HiGHS does: importances of ~1e-11 (large beta) fall below its tolerances
+    # and it returns an arbitrary feasible point. So the objective is centred and scaled to [-1, 1].
+    spread = float(np.ptp(weights))
+    objective = (weights - weights.mean()) / spread if spread > 0 else np.zeros_like(weights)
     result = linprog(
-        c=weights,
+        c=objective,
         A_eq=np.ones((1, n_blocks)),
         b_eq=[n_blocks * target],
         bounds=list(zip(lower, upper)),
