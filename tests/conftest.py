@@ -99,3 +99,43 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(d)
         dirs[arch] = d
     return dirs
+
+
+# ---------------------------------------------------------------- shared by the CLI / run-config / zero-shot tests
+
+ZEROSHOT_DIR = Path(__file__).parent / "data" / "zeroshot"
+TOY_DATA = "tests/data/zeroshot/toy_mc.jsonl"  # the toy task YAML's data_files: relative to the repository root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_logging():
+    """losa.cli.main configures logging to the (captured) stderr; put the root logger back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """The toy zero-shot task copied to a temp dir with its data_files made absolute (works from any cwd)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("zeroshot_tasks")
+    shutil.copy(ZEROSHOT_DIR / "toy_mc.jsonl", d / "toy_mc.jsonl")
+    yaml_text = (ZEROSHOT_DIR / "losa_toy_mc.yaml").read_text()
+    assert f"test: {TOY_DATA}" in yaml_text
+    (d / "losa_toy_mc.yaml").write_text(yaml_text.replace(f"test: {TOY_DATA}", f"test: {d / 'toy_mc.jsonl'}"))
+    return d

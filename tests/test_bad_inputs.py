@@ -25,40 +25,11 @@ from losa.config import EvalConfig, FinetuneConfig, LosaConfig, TrainConfig
 from losa.errors import ConfigError, DataError, ModelError, OutputError
 from losa.perplexity import perplexity
 
-from conftest import tiny_model
+from conftest import TOY_DATA, ZEROSHOT_DIR as TOY, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "tests" / "data" / "zeroshot"
-TOY_DATA = "tests/data/zeroshot/toy_mc.jsonl"  # data_files in the toy task YAML: relative to the repository root
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def restore_logging():
-    """losa.cli.main configures logging to the (captured) stderr; put the root logger back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The toy zero-shot task with its data_files made absolute."""
-    d = tmp_path_factory.mktemp("tasks")
-    shutil.copy(TOY / "toy_mc.jsonl", d / "toy_mc.jsonl")
-    text = (TOY / "losa_toy_mc.yaml").read_text()
-    assert f"test: {TOY_DATA}" in text
-    (d / "losa_toy_mc.yaml").write_text(text.replace(f"test: {TOY_DATA}", f"test: {d / 'toy_mc.jsonl'}"))
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -31,28 +31,7 @@ EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
 MINIMAL = {"model": "ckpt", "out": "runs/x", "prune": {"sparsity": 0.5}}
 EVERY_STAGE = {**MINIMAL, "finetune": {}, "evaluate": {"perplexity": {}, "zero_shot": {}}, "export": {}}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def restore_logging():
-    """losa.cli.main configures logging to the (captured) stderr; put the root logger back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(tmp_path: Path, text: str) -> Path:

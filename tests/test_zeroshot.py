@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,9 @@ import torch
 from losa.errors import ConfigError, DataError
 from losa.zeroshot import PAPER_TASKS, zero_shot
 
-from conftest import tiny_model
+from conftest import TOY_DATA, ZEROSHOT_DIR as DATA, tiny_model
 
-DATA = Path(__file__).parent / "data" / "zeroshot"
 TASK = "losa_toy_mc"
-TOY_DATA = "tests/data/zeroshot/toy_mc.jsonl"  # the YAML's data_files: relative to the repository root
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The toy task copied to a temp dir with its data_files made absolute (works from any cwd)."""
-    d = tmp_path_factory.mktemp("zeroshot_tasks")
-    shutil.copy(DATA / "toy_mc.jsonl", d / "toy_mc.jsonl")
-    yaml_text = (DATA / "losa_toy_mc.yaml").read_text()
-    assert f"test: {TOY_DATA}" in yaml_text
-    (d / "losa_toy_mc.yaml").write_text(yaml_text.replace(f"test: {TOY_DATA}", f"test: {d / 'toy_mc.jsonl'}"))
-    return d
 
 
 def docs() -> list[dict]:
