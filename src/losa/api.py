@@ -7,8 +7,8 @@ import logging
 
 import torch
 
-from losa.checkpoint import (atomic_output_dir, check_context_length, check_output_dir, load_evaluation_model, load_model,
-                             lora_adapter_dir, save_pretrained, write_json_atomic)
+from losa.checkpoint import (LORA_ADAPTER_SUBDIR, atomic_output_dir, check_context_length, check_output_dir,
+                             load_evaluation_model, load_model, lora_adapter_dir, save_pretrained, write_json_atomic)
 from losa.config import EvalConfig, PruneConfig, check_device_available
 from losa.data import DataSpec, calibration_ids, evaluation_ids
 from losa.distributed import local_device, main_process_writes
@@ -184,7 +184,7 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
         def write_model(tmp):
             saved = base
             if config.method == "lora":  # kept unmerged: sparse base + adapter beside it
-                model.save_pretrained(str(tmp / "lora-adapter"))
+                model.save_pretrained(str(tmp / LORA_ADAPTER_SUBDIR))
                 saved = model.unload()
             save_pretrained(saved, tokenizer, tmp)
             if records:

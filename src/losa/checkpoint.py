@@ -227,18 +227,11 @@ def lora_adapter_dir(path: str | Path) -> Path | None:
     return adapter if adapter.is_dir() else None
 
 
-def load_evaluation_model(
-    path: str | Path,
-    *,
-    dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-):
-    """(model, tokenizer) as it is evaluated: ``load_model``, plus the unmerged LoRA adapter in
-    ``path/lora-adapter/`` when there is one (the LoRA baseline: merging it would destroy the
+def load_evaluation_model(path: str | Path, *, device: str | torch.device = "cpu", **load_options):
+    """(model, tokenizer) as it is evaluated: ``load_model(path, **load_options)``, plus the unmerged
+    LoRA adapter in ``path/lora-adapter/`` when there is one (the LoRA baseline: merging it would destroy the
     sparsity, and the base alone lacks what LoRA learned)."""
-    model, tokenizer = load_model(path, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(path, **load_options)
     adapter = lora_adapter_dir(path)
     if adapter is not None:
         from peft import PeftModel

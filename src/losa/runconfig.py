@@ -54,9 +54,9 @@ from pathlib import Path
 
 import yaml
 
-from losa.checkpoint import LORA_ADAPTER_SUBDIR
+from losa.checkpoint import LORA_ADAPTER_SUBDIR, lora_adapter_dir
 from losa.config import EvalConfig, FinetuneConfig, LosaConfig, PruneConfig, TrainConfig
-from losa.distributed import main_process_writes
+from losa.distributed import is_main_process, main_process_writes
 from losa.errors import ConfigError, OutputError
 from losa.export import FORMATS, export_compressed
 from losa.zeroshot import zero_shot
@@ -592,7 +592,7 @@ def _evaluation_model(config: RunConfig):
     The LoRA baseline is saved as the sparse base plus its unmerged adapter beside it (merging
     would destroy the sparsity); evaluating the base alone would drop what LoRA learned.
     """
-    from losa.checkpoint import load_evaluation_model, lora_adapter_dir
+    from losa.checkpoint import load_evaluation_model
 
     if config.finetune is None or config.finetune.method != "lora" or lora_adapter_dir(config.model_dir) is None:
         return None, None
@@ -648,27 +648,28 @@ def run(config: RunConfig) -> dict:
     del model
     with main_process_writes() as writer:  # a distributed launch: the other processes only wait
         if writer:
-            _export_and_write(config, out, resolved, metrics, timer, extra)
-    return Report("run", resolved, metrics=metrics, timings=timer.seconds, extra=extra).as_dict()
+            _export(config, timer, extra)
+    summary = Report("run", resolved, metrics=metrics, timings=timer.seconds, extra=extra).as_dict()
+    if is_main_process():  # nothing reads these afterwards: no need to wait for them
+        from losa.checkpoint import write_json_atomic
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(resolved), encoding="utf-8")
+        write_json_atomic(out / "report.json", summary)
+    return summary
 
 
-def _export_and_write(config: RunConfig, out: Path, resolved: dict, metrics: dict, timer, extra: dict) -> None:
-    from losa.checkpoint import write_json_atomic
-    from losa.report import Report
-
+def _export(config: RunConfig, timer, extra: dict) -> None:
+    """The compressed-tensors export as configured (or removal of a stale one), into ``extra``."""
     if config.export is not None:
         with timer("export"):
             extra["export"] = _stage_summary(
                 export_compressed(config.model_dir, config.export_dir, config.export.format, overwrite=config.prune.overwrite)
             )
-        if (config.model_dir / LORA_ADAPTER_SUBDIR).is_dir():
+        if lora_adapter_dir(config.model_dir) is not None:
             extra["export"]["note"] = f"the sparse base only: the unmerged LoRA adapter stays in {LORA_ADAPTER_SUBDIR}/"
     elif config.export_dir.exists():  # overwrite: an export of the replaced model would not match it
         shutil.rmtree(config.export_dir)
-    summary = Report("run", resolved, metrics=metrics, timings=timer.seconds, extra=extra).as_dict()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(resolved), encoding="utf-8")
-    write_json_atomic(out / "report.json", summary)
 
 
 def summary_line(summary: dict) -> str:
