@@ -3,9 +3,10 @@
 After every finished step the state directory holds, written atomically: the prunable weights,
 the adapter factors (their shapes are the ranks), the step's rates / ranks / report, and the RNG
 states (torch generators as tensors in ``rng.safetensors``, Python's and NumPy's as ``rng.json``:
-nothing in a state directory is pickled, so resuming never unpickles). Rerunning the same command continues after the last finished step. The dense block outputs
-SRA compares against are recorded once, before step 1, into the same directory (disk-backed, so
-their memory never grows with the model).
+nothing in a state directory is pickled, so resuming never unpickles). Rerunning the same command
+continues after the last finished step. The dense block outputs SRA compares against are recorded
+once, before step 1, into the same directory (disk-backed, so their memory never grows with the
+model).
 """
 
 from __future__ import annotations
