@@ -456,6 +456,56 @@ def fuzz_files(tmp_path_factory, model_dirs) -> dict[str, Path]:
             "broken_tasks": broken_task_dir(root)}
 
 
+@pytest.mark.parametrize("model_class", ["LlamaModel", "LlamaForSequenceClassification"])
+def test_a_llama_checkpoint_that_is_not_a_causal_lm_is_one_line(tmp_path, tokenizer, text_file, model_class, capsys,
+                                                                restore_logging):
+    import transformers
+
+    from conftest import tiny_config
+
+    model_dir = tmp_path / model_class
+    getattr(transformers, model_class)(tiny_config("llama", num_labels=2)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    code, err = run_cli(["prune", "--model", str(model_dir), "--sparsity", "0.5", "--calib", f"text:{text_file}",
+                         "--nsamples", "2", "--seqlen", "16", "--out", str(out), "-q"], capsys)
+    assert_one_line_error(code, err, "prune", f"is a {model_class} checkpoint, not a causal language model",
+                          "*ForCausalLM")
+    assert not out.exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_prune_flags(model_dirs, text_file, fuzz_files, tmp_path_factory, capsys, restore_logging, data):
+    root = tmp_path_factory.mktemp("prune")
+    (root / "existing").mkdir()
+    valid_devices, bad_devices = device_choices()
+    flags, broken = draw_flags(data, valid={
+        "--model": [str(model_dirs["llama"]), str(model_dirs["opt"])], "--method": [None, "magnitude", "wanda", "sparsegpt"],
+        "--target": ["--sparsity=0.5", "--sparsity=0", "--pattern=2:4", "--pattern=4:8"], "--calib": [f"text:{text_file}"],
+        "--nsamples": ["2", "4"], "--seqlen": ["8", "16"], "--seed": [None, "3"], "--batch-size": [None, "1"],
+        "--out": ["new", "existing-overwrite"], "--device": valid_devices, "--dtype": [None, "float32", "bfloat16"],
+    }, bad={
+        "--model": [str(root / "nope"), str(fuzz_files["file"]), str(fuzz_files["pickled"]), str(root)],
+        "--method": ["bogus"], "--target": ["--sparsity=1.2", "--sparsity=-0.1", "--sparsity=x", "--pattern=4:4",
+                                              "--pattern=2:3", "--pattern=2", "--pattern=a:b"],
+        "--calib": ["text:/nonexistent", f"text:{fuzz_files['short']}", ""], "--nsamples": ["0", "-1", "x"],
+        "--seqlen": ["1", "0", "1024", "y"], "--batch-size": ["0"], "--out": ["existing", "below-file"],
+        "--device": bad_devices, "--dtype": ["int8"],
+    })
+    out = {"new": root / "pruned", "below-file": fuzz_files["file"] / "pruned"}.get(flags["--out"], root / "existing")
+    overwrite = flags.pop("--out") == "existing-overwrite"
+    target = flags.pop("--target")
+    argv = ["prune", "--out", str(out), target, "-q"] + flag_args({**flags, "--overwrite": overwrite})
+    code, err = run_cli(argv, capsys)
+    check_outcome(code, err, "prune", broken, out if out.name == "pruned" else None)
+    if code == 0:
+        report = json.loads((out / "report.json").read_text())
+        assert report["method"] == (flags["--method"] or "wanda") and report["layers"]
+    elif out.name == "existing":  # a refused run leaves the existing directory as it was
+        assert out.is_dir() and not any(out.iterdir())
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_eval_flags(model_dirs, text_file, task_dir, fuzz_files, capsys, restore_logging, data):

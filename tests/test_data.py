@@ -81,3 +81,57 @@ def test_tokenize_joins_documents_with_eos(tokenizer):
 def test_alpaca_format_without_input():
     prompt, response = format_alpaca({"instruction": "x", "output": "y"})
     assert prompt.endswith("### Response:\n") and response == "y"
+
+
+def _is_slice(window: list[int], ids: list[int]) -> bool:
+    return any(ids[i : i + len(window)] == window for i in range(len(ids) - len(window) + 1))
+
+
+def test_document_windows_come_each_from_one_long_document(tokenizer):
+    from losa.data import sample_document_windows
+
+    words = "the model prunes weights and the data trains adapters".split()
+    rng = torch.Generator().manual_seed(0)  # each document its own random word order: windows are unique to it
+    long_docs = [" ".join(words[k] for k in torch.randint(len(words), (40 + 7 * i,), generator=rng).tolist())
+                 for i in range(6)]
+    docs = ["short text", *long_docs, "tiny"]
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    a = sample_document_windows(tokenizer, docs, 5, 16, seed=1)
+    assert a.shape == (5, 16)
+    assert torch.equal(a, sample_document_windows(tokenizer, docs, 5, 16, seed=1))
+    sources = []
+    for w in a.tolist():  # a contiguous piece of one document that is longer than the window
+        matches = [k for k, ids in enumerate(encoded) if len(ids) > 16 and _is_slice(w, ids)]
+        assert matches
+        sources.append(matches[0])
+    assert len(set(sources)) == 5  # one window per document
+    with pytest.raises(DataError, match="longer than 16 tokens, fewer than nsamples = 7"):
+        sample_document_windows(tokenizer, docs, 7, 16, seed=1)
+
+
+def test_c4_follows_the_wanda_sparsegpt_protocol(tokenizer, monkeypatch):
+    """Offline, with datasets.load_dataset replaced by local records: calibration windows never
+    straddle two documents, and perplexity uses the first 1100 validation documents joined by
+    spaces, at most 256 windows."""
+    import datasets
+
+    from losa.data import C4_EVAL_WINDOWS, calibration_ids, evaluation_ids
+
+    docs = [f"document {i} " + "the data trains adapters " * (3 + i % 5) for i in range(1200)]
+    calls = []
+
+    def fake_load_dataset(path, data_files=None, split=None, **kw):
+        calls.append((path, data_files, split))
+        return datasets.Dataset.from_dict({"text": docs})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    windows = evaluation_ids(tokenizer, "c4", 4)
+    expected = contiguous_windows(tokenize_documents(tokenizer, [" ".join(docs[:1100])]), 4)
+    assert len(expected) > C4_EVAL_WINDOWS == 256
+    assert torch.equal(windows, expected[:256])
+    assert calls[-1][0] == "allenai/c4" and "validation" in next(iter(calls[-1][1].values()))
+    calib = calibration_ids(tokenizer, "c4", 8, 12, seed=0)
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert calib.shape == (8, 12)
+    assert all(any(_is_slice(w, ids) for ids in encoded) for w in calib.tolist())
+    assert "train" in next(iter(calls[-1][1].values()))

@@ -43,7 +43,9 @@ def test_losa_end_to_end_exact_sparsity(tmp_path, model_dirs, text_file, arch):
         assert sum(float(p) for p in s["block_patterns"]) / 3 == pytest.approx(s["target_sparsity"], abs=1e-12)
         assert sum(s["ranks"]) == 3 * s["mean_rank"]
         assert len(s["errors"]) == 3 and all(e >= 0 for e in s["errors"])
-        assert set(s["seconds"]) >= {"lsr", "prune", "sra", "train"}
+        assert set(s["seconds"]) >= {"lsr", "prune", "forward", "sra", "train"}
+        assert all(v >= 0 for v in s["seconds"].values())
+    assert "dense_outputs" in steps[0]["seconds"]  # D_l, recorded once before step 1
     assert steps[-1]["target_sparsity"] == pytest.approx(0.6)
     assert [s["mean_rank"] for s in steps] == [6, 7, 8]
     # sparsity only grows from step to step
@@ -105,7 +107,7 @@ def test_nan_loss_stops_and_keeps_last_good_step(tmp_path, model_dirs, text_file
 
     out = tmp_path / "nan"
     monkeypatch.setattr(losa.algorithm, "train", poisoned)
-    with pytest.raises(TrainingError, match="loss became|diverged"):
+    with pytest.raises(TrainingError, match="the training loss became nan at optimiser step 1;"):
         api.finetune(tiny_cfg(model_dirs["llama"], text_file, out, eval=None))
     assert not out.exists()
     assert json.loads((tmp_path / "nan.state" / "latest.json").read_text())["step"] == 1  # last good step kept
@@ -222,3 +224,26 @@ def test_merge_check_refuses_a_layer_less_sparse_than_its_pattern():
     masks[name] = torch.zeros_like(masks[name])  # "pruned" everywhere, but the weights are not zero
     with pytest.raises(RuntimeError, match="merging broke the sparsity"):
         _check_merged_sparsity(model, masks, [Pattern.unstructured(0.0)] * blocks)
+
+
+def test_optimiser_choice(monkeypatch, caplog):
+    import sys
+
+    from losa.train import _optimizer_name
+
+    assert _optimizer_name(TrainConfig(), "cpu") == "adamw_torch"
+    assert _optimizer_name(TrainConfig(optim="adafactor"), "cuda") == "adafactor"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed: import fails
+    with caplog.at_level("WARNING", logger="losa.train"):
+        assert _optimizer_name(TrainConfig(), "cuda:0") == "adamw_torch"
+    assert "needs bitsandbytes" in caplog.text and "--optim" in caplog.text
+
+
+def test_optim_flag_reaches_the_config_and_bad_names_name_the_flag():
+    from losa import cli
+
+    parser = cli.build_parser()
+    base = ["finetune", "--model", "m", "--sparsity", "0.5", "--out", "o"]
+    assert cli.finetune_config(parser.parse_args(base + ["--optim", "adamw_torch"])).training.optim == "adamw_torch"
+    with pytest.raises(ConfigError, match=r"^--optim 'bogus' is not a transformers optimiser"):
+        cli.finetune_config(parser.parse_args(base + ["--optim", "bogus"]))

@@ -43,7 +43,9 @@ class StepRecord:
     ranks: list[int] = field(default_factory=list)  # r_l
     trainable_parameters: int = 0
     training: dict = field(default_factory=dict)  # losses, tokens, seconds
-    seconds: dict = field(default_factory=dict)  # lsr / prune / sra / train
+    # lsr / prune (the pruner) / forward (the sequential pass's block forwards, whose outputs feed the
+    # next block and SRA) / sra (the errors) / train; step 1 also dense_outputs (D_l, recorded once)
+    seconds: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -98,8 +100,11 @@ def prune_and_measure(model, calib_ids, patterns, cfg: FinetuneConfig, state: Ru
             error.add(dense, _first(outputs, dense.shape[0]).to(dense.dtype))
             errors.append(error.value())
 
-    sequential_pass(model, calib_ids, device=cfg.device, batch_size=cfg.batch_size, desc=f"{cfg.pruner}",
-                    before_block=prune, after_block=measure)
+    before = timer.total("prune", "sra")
+    with timer("pass"):
+        sequential_pass(model, calib_ids, device=cfg.device, batch_size=cfg.batch_size, desc=f"{cfg.pruner}",
+                        before_block=prune, after_block=measure)
+    timer.seconds["forward"] = timer.seconds.pop("pass") - (timer.total("prune", "sra") - before)
     return errors
 
 
@@ -124,11 +129,13 @@ def run_losa(model: nn.Module, tokenizer, calib_ids: torch.Tensor, samples: list
     inject_adapters(model, {name: lc.r0 for name in arch.linear_module_names(model)}, lc.alpha, lc.dropout)
     check_patterns(model, [target] * num_blocks)
     records, first = _resume(model, arch, state)
+    timer = Timer()
     if first == 1 and not state.has_dense(num_blocks):
-        record_dense_outputs(model, calib_ids, cfg, state)
+        with timer("dense_outputs"):
+            record_dense_outputs(model, calib_ids, cfg, state)
     for t in tqdm(range(first, steps + 1), desc="LoSA steps", unit="step", initial=first - 1, total=steps):
         torch.manual_seed(cfg.seed * 1000 + t)  # each step's randomness depends on (seed, t) only
-        timer = Timer()
+        timer = timer if t == first else Timer()
         # an N:M pattern cannot be reached gradually (its groups are fixed): it applies from step 1
         gradual = lc.dsa and not target.is_nm
         s_t = sparsity_at(t, steps, target.sparsity, lc.schedule) if gradual else target.sparsity

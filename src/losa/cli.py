@@ -93,6 +93,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--lr", type=float, default=tc.learning_rate, help=f"learning rate (default {tc.learning_rate})")
     p.add_argument("--train-batch-size", type=int, default=tc.batch_size)
     p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
+    p.add_argument("--optim", default=tc.optim,
+                   help="a transformers optimiser name, e.g. adamw_torch, paged_adamw_8bit (default auto: paged "
+                        "AdamW on CUDA with bitsandbytes, else AdamW)")
     p.add_argument("--eval", default=None, help="evaluate perplexity on this data after fine-tuning")
     p.add_argument("--eval-seqlen", type=int, default=None)
     p.add_argument("--eval-max-windows", type=int, default=None, help="evaluate N evenly spread windows only")
@@ -130,7 +133,8 @@ def finetune_config(args: argparse.Namespace):
         sra=not args.no_sra, dsa=not args.no_dsa, rank_by=args.rank_by, mixed_nm=args.mixed_nm, shrink=args.shrink,
         lsr_samples=args.lsr_samples, sra_samples=args.sra_samples, lora_rank=args.lora_rank, delta=args.delta,
     ))
-    training = _flags_named(TrainConfig, dict(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum),
+    training = _flags_named(TrainConfig, dict(learning_rate=args.lr, batch_size=args.train_batch_size, grad_accum=args.grad_accum,
+                                              optim=args.optim),
                             {"learning_rate": "--lr", "batch_size": "--train-batch-size"})
     return _flags_named(FinetuneConfig, dict(
         model=args.model, out=args.out, method=args.method, pruner=args.pruner, sparsity=args.sparsity,

@@ -148,7 +148,7 @@ class TrainConfig:
             raise ConfigError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {', '.join(schedulers)}")
         optimizers = ["auto", *(o.value for o in OptimizerNames)]
         if self.optim not in optimizers:
-            raise ConfigError(f"unknown optim {self.optim!r}; e.g. auto, adamw_torch, paged_adamw_8bit")
+            raise ConfigError(f"optim {self.optim!r} is not a transformers optimiser; e.g. auto, adamw_torch, paged_adamw_8bit")
 
     def as_dict(self) -> dict:
         return asdict(self)

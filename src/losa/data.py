@@ -22,6 +22,8 @@ from losa.errors import DataError
 log = logging.getLogger(__name__)
 
 HUB_DATASETS = ("wikitext2", "c4", "alpaca-gpt4")
+# C4 in the Wanda / SparseGPT protocol: perplexity on the first 1100 validation documents, 256 windows
+C4_EVAL_DOCUMENTS, C4_EVAL_WINDOWS = 1100, 256
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -137,7 +139,11 @@ def _load_hub(name: str, split: str) -> list[str]:
             return ["".join(format_alpaca(rec)) for rec in ds]
         files = {"train": "en/c4-train.00000-of-01024.json.gz", "eval": "en/c4-validation.00000-of-00008.json.gz"}
         ds = datasets.load_dataset("allenai/c4", data_files={split: files["train" if split == "train" else "eval"]}, split=split)
-        return list(ds["text"])
+        if split == "train":
+            return list(ds["text"])
+        # the Wanda / SparseGPT protocol: the first 1100 validation documents joined by spaces (and
+        # C4_EVAL_WINDOWS windows of them, see evaluation_ids)
+        return [" ".join(ds.select(range(min(C4_EVAL_DOCUMENTS, len(ds))))["text"])]
     except Exception as e:  # network, hub and cache problems all end here
         raise DataError(
             f"could not load the hub dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
@@ -146,16 +152,20 @@ def _load_hub(name: str, split: str) -> list[str]:
         ) from None
 
 
-def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
-    """All documents tokenised and joined into one 1-D LongTensor, separated by EOS where defined."""
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "sequence longer than model_max_length" is expected here
     try:
-        encoded = tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents tokenised and joined into one 1-D LongTensor, separated by EOS where defined."""
+    encoded = _encode(tokenizer, documents)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(documents) > 1 else []
     ids: list[int] = []
     for i, doc in enumerate(encoded):
@@ -188,9 +198,37 @@ def contiguous_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     return tokens[: count * seqlen].view(count, seqlen)
 
 
+def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens, each from its own document longer than ``seqlen``
+    tokens at a random offset (the Wanda / SparseGPT C4 calibration). Documents are tokenised one
+    at a time in a seeded order, only until enough are found: a C4 shard is never tokenised whole."""
+    if nsamples < 1 or seqlen < 2:
+        raise DataError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    windows = []
+    for i in torch.randperm(len(documents), generator=gen).tolist():
+        ids = _encode(tokenizer, [documents[i]])[0]
+        if len(ids) <= seqlen:
+            continue
+        start = int(torch.randint(0, len(ids) - seqlen, (1,), generator=gen))
+        windows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
+        if len(windows) == nsamples:
+            return torch.stack(windows)
+    raise DataError(
+        f"calibration data has {len(windows)} document(s) longer than {seqlen} tokens, fewer than "
+        f"nsamples = {nsamples}; lower --nsamples / --seqlen or give more text"
+    )
+
+
 def calibration_ids(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    return sample_windows(tokenize_documents(tokenizer, load_documents(spec, "train")), nsamples, seqlen, seed)
+    parsed = DataSpec.parse(spec)
+    documents = load_documents(parsed, "train")
+    if parsed.kind == "c4":  # C4's documents are independent web pages: windows never straddle two
+        return sample_document_windows(tokenizer, documents, nsamples, seqlen, seed)
+    return sample_windows(tokenize_documents(tokenizer, documents), nsamples, seqlen, seed)
 
 
 def evaluation_ids(tokenizer, spec: str, seqlen: int) -> torch.Tensor:
-    return contiguous_windows(tokenize_documents(tokenizer, load_documents(spec, "eval")), seqlen)
+    parsed = DataSpec.parse(spec)
+    windows = contiguous_windows(tokenize_documents(tokenizer, load_documents(parsed, "eval")), seqlen)
+    return windows[:C4_EVAL_WINDOWS] if parsed.kind == "c4" else windows

@@ -29,6 +29,10 @@ class Timer:
             del self._running[phase]
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    def total(self, *phases: str) -> float:
+        """Finished seconds of ``phases`` together."""
+        return sum(self.seconds.get(phase, 0.0) for phase in phases)
+
     def snapshot(self) -> dict[str, float]:
         """The seconds so far, phases still running included (for a report written inside one)."""
         now = time.perf_counter()

@@ -70,14 +70,16 @@ def step_chunks(num_samples: int, steps: int) -> list[tuple[int, int]]:
 def _optimizer_name(config: TrainConfig, device: str) -> str:
     if config.optim != "auto":
         return config.optim
-    if device.startswith("cuda"):
-        try:
-            import bitsandbytes  # noqa: F401
+    if not device.startswith("cuda"):
+        return "adamw_torch"  # paging is a GPU-memory device; on the CPU it is plain AdamW
+    try:
+        import bitsandbytes  # noqa: F401
 
-            return "paged_adamw_8bit"
-        except ImportError:
-            pass
-    return "adamw_torch"
+        return "paged_adamw_8bit"
+    except ImportError:
+        log.warning("paged AdamW (the paper's optimiser) needs bitsandbytes, which is not installed: training with "
+                    "adamw_torch (more GPU memory). pip install 'losa[gpu]' to use it, or pass --optim to choose.")
+        return "adamw_torch"
 
 
 def _loss_bar(desc: str):
@@ -166,6 +168,7 @@ def train(
             num_train_epochs=config.epochs,
             optim=_optimizer_name(config, device),
             logging_steps=1,
+            logging_nan_inf_filter=False,  # the Trainer would log a NaN / inf loss as the running mean: the guard must see it
             save_strategy="no",
             report_to="none",
             seed=seed,
