@@ -5,7 +5,8 @@ bench-out/<cell>/. Then the peer comparisons run one at a time on the otherwise 
 (pruning vs llm-compressor, adapter train step vs PEFT LoRA); each rewrites its own section of
 benchmarks/results/*.md. Finished cells and peer runs are skipped, so an interrupted sweep resumes
 where it stopped (run it in the background: `nohup make bench &`). At the end BENCHMARKS.md is
-rewritten from the results (`--tables-only` does just that).
+rewritten from the results (`--tables-only` does just that). The sweep's results are kept in
+benchmarks/results/sweep.json (committed), so the tables can be rebuilt on a fresh clone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tables import write_benchmarks_md  # noqa: E402
+from tables import SWEEP_FILE, save_sweep, write_benchmarks_md  # noqa: E402
 
 
 def opt_reference(args) -> Path:
@@ -170,7 +171,7 @@ def run_cell(name: str, argv: list[str], out_root: Path, python: str, eval_windo
     result = {"name": name, "command": "losa " + " ".join(argv), **json.loads((cell_dir / "proc.json").read_text())}
     report = json.loads((model_out / "report.json").read_text())
     result["report"] = {k: report[k] for k in ("settings", "metrics", "timings_s", "overall_sparsity", "environment") if k in report}
-    for key in ("steps", "trainable_parameters", "merged_density"):
+    for key in ("steps", "training", "trainable_parameters", "merged_density"):
         if key in report:
             result["report"][key] = report[key]
     if argv[0] == "prune":
@@ -225,7 +226,6 @@ def main() -> int:
     if not args.tables_only:
         if not (Path(args.corpus) / "eval.txt").exists():
             subprocess.run([sys.executable, "-m", "losa.reference.corpus", "--out", args.corpus], check=True)
-        # dense reference perplexity
         # dense reference perplexities (the OPT reference when it is there)
         for name, model in (("dense.json", args.model), ("dense-opt.json", opt_reference(args))):
             dense = out_root / name
@@ -247,15 +247,15 @@ def main() -> int:
             for name, argv in peer_commands(args).items():
                 if not args.only or any(name.startswith(o) for o in args.only):
                     run_peer(name, argv, out_root)
-    meta_file = out_root / "meta.json"
-    if (args.tables_only or args.only) and meta_file.exists():  # a partial rerun keeps the sweep's command
-        meta = json.loads(meta_file.read_text())
-    else:
+    if not args.tables_only:
         meta = {"argv": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]),
                 "machine": f"{os.cpu_count()} CPU cores ({_cpu_model()}), no GPU" if not _has_cuda() else f"{_cpu_model()} + CUDA",
                 "args": {k: v for k, v in vars(args).items() if k not in ("only", "tables_only", "out")}}
-        meta_file.write_text(json.dumps(meta))
-    write_benchmarks_md(out_root, ROOT / "BENCHMARKS.md", meta)
+        if args.only and SWEEP_FILE.exists():  # a partial rerun keeps the sweep's command
+            meta = json.loads(SWEEP_FILE.read_text())["meta"]
+    if not args.tables_only:
+        save_sweep(out_root, SWEEP_FILE, meta)
+    write_benchmarks_md(SWEEP_FILE, ROOT / "BENCHMARKS.md")
     return 0
 
 

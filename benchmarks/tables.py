@@ -1,5 +1,5 @@
-"""Assemble BENCHMARKS.md from the sweep results (bench-out/) and the other benchmarks' results
-(benchmarks/results/*.md). Every number in it comes from a file written by a command in this repo."""
+"""Assemble BENCHMARKS.md from the sweep's results (benchmarks/results/sweep.json, merged there from
+bench-out/ after every sweep) and the other benchmarks' results (benchmarks/results/*.md). Every number in it comes from a file written by a command in this repo."""
 
 from __future__ import annotations
 
@@ -11,18 +11,40 @@ INTRO = """# Benchmarks
 
 Every table below is produced by a command in this repository; each section names its command,
 machine and seeds. `make bench` reruns the sweep (resumable, background-friendly) and rewrites this
-file from `bench-out/` and `benchmarks/results/`. Small scale: the models are the project's own
+file from `benchmarks/results/` (the sweep's cells in `sweep.json`; `python benchmarks/run_all.py
+--tables-only` rebuilds it from there). Small scale: the models are the project's own
 reference models (see below), not LLaMA-7B, so absolute numbers are not comparable with the paper's;
 the orderings are what we check.
 """
 
 
-def _load(out_root: Path) -> dict[str, dict]:
-    results = {}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SWEEP_FILE = RESULTS_DIR / "sweep.json"  # every sweep cell's result (committed): the tables' only input
+
+
+def _compact(result: dict) -> dict:
+    """A cell's result without its per-optimiser-step losses (the tables use the final ones)."""
+    result = json.loads(json.dumps(result))
+    for training in [s["training"] for s in result["report"].get("steps", [])] + [result["report"].get("training", {})]:
+        training.pop("loss", None)
+    return result
+
+
+def save_sweep(out_root: Path, sweep_file: Path, meta: dict) -> None:
+    """Merge the cells of ``out_root`` (bench-out/) into ``sweep_file``: a rerun cell replaces its
+    old result, cells not rerun keep theirs."""
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.exists() else {"cells": {}}
     for f in sorted(out_root.glob("*/result.json")):
-        r = json.loads(f.read_text())
-        results[r["name"]] = r
-    return results
+        result = json.loads(f.read_text())
+        sweep["cells"][result["name"]] = _compact(result)
+    for key, name in (("dense", "dense.json"), ("dense_opt", "dense-opt.json")):
+        if (out_root / name).exists():
+            sweep[key] = json.loads((out_root / name).read_text())
+    sweep["meta"] = meta
+    sweep["cells"] = dict(sorted(sweep["cells"].items()))
+    tmp = sweep_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sweep, indent=1) + "\n")
+    tmp.replace(sweep_file)
 
 
 def _ppl(r: dict | None) -> float | None:
@@ -53,7 +75,7 @@ def _provenance(results: dict[str, dict], prefixes: tuple[str, ...]) -> str:
 
 def cell_commands(results: dict[str, dict]) -> str:
     lines = ["## Appendix: every cell's command", "", "<details><summary>The exact <code>losa</code> command of each "
-             "sweep cell (from <code>bench-out/&lt;cell&gt;/result.json</code>)</summary>", ""]
+             "sweep cell (from <code>benchmarks/results/sweep.json</code>)</summary>", ""]
     lines += [f"- `{name}`: `{results[name]['command']}`" for name in sorted(results)]
     return "\n".join([*lines, "", "</details>"]) + "\n"
 
@@ -104,22 +126,28 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
             pr, lr, lo = results.get(f"rob-wanda-{s}-pruned"), results.get(f"inv-wanda-{s}-lora"), results.get(f"rob-wanda-{s}-losa")
         lines.append(f"| {float(s):.0%} | {_fmt([_ppl(pr)])} | {_fmt([_ppl(lr)])} | {_fmt([_ppl(lo)])} |")
     lines += ["", _provenance(results, ("rob-", "inv-wanda-")) + " 50-70 %: the Table 1 cells of seed 0."]
-    lines += ["", "### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 1, same data; both cells ran under the same two-job load)", "",
-              "| method | trainable parameters | training s | total s | peak RSS MiB | perplexity |", "|---|---|---|---|---|---|"]
+    jobs = meta.get("args", {}).get("jobs", 1)
+    lines += ["", f"### Efficiency: LoRA vs LoSA (Wanda 70 %, seed 1, same data; run in the sweep, {jobs} cell(s) at a time)", "",
+              "| method | trainable parameters | training wall s | training CPU s | training peak RSS MiB | cell wall s | cell peak RSS MiB | perplexity |",
+              "|---|---|---|---|---|---|---|---|"]
     for kind in ("lora", "losa"):
         r = results.get(f"t1-wanda-0.7-s1-{kind}")
         if r is None:
-            lines.append(f"| {kind} | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {kind} | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
         rep = r["report"]
+        runs = [s["training"] for s in rep["steps"]] if kind == "losa" else [rep["training"]]
         if kind == "losa":
-            train_s = sum(s["training"]["seconds"] for s in rep["steps"])
             params = f"{rep['trainable_parameters']:,} (last step; {', '.join(str(s['trainable_parameters']) for s in rep['steps'])} by step)"
         else:
-            train_s = rep["timings_s"].get("lora", 0.0)
             params = f"{rep['trainable_parameters']:,}"
-        lines.append(f"| {kind} | {params} | {train_s:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {_fmt([_ppl(r)])} |")
-    lines += ["", "Cells: `t1-wanda-0.7-s1-lora`, `t1-wanda-0.7-s1-losa` (seed 1)."]
+        wall, cpu = sum(t["seconds"] for t in runs), sum(t.get("cpu_seconds", float("nan")) for t in runs)
+        peak = max(t.get("peak_memory_mib") or float("nan") for t in runs)
+        lines.append(f"| {kind} | {params} | {wall:.1f} | {cpu:.1f} | {peak:.0f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {_fmt([_ppl(r)])} |")
+    lines += ["", "Cells: `t1-wanda-0.7-s1-lora`, `t1-wanda-0.7-s1-losa` (seed 1). Training CPU s is process CPU time "
+              "(one thread per cell, so other cells' load does not inflate it); training peak RSS is the process's peak "
+              "resident memory during training only (LoSA: the highest of its steps); the cell columns cover the whole "
+              "command (load, calibration, pruning, evaluation, save)."]
     lines += ["", "### Investigation: LoRA vs LoSA at Wanda 70 % (seed 0)", "", "| variant | + LoRA | + LoSA |", "|---|---|---|"]
     lines.append(f"| paper settings, 400 samples | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-lora'))])} | {_fmt([_ppl(results.get('t1-wanda-0.7-s0-losa'))])} |")
     lines.append(f"| 3x fine-tuning budget (1200 samples) | {_fmt([_ppl(results.get('inv-budget3x-lora'))])} | {_fmt([_ppl(results.get('inv-budget3x-losa'))])} |")
@@ -137,17 +165,16 @@ def sweep_tables(results: dict[str, dict], dense: dict | None, meta: dict, dense
     return "\n".join(lines) + "\n"
 
 
-def write_benchmarks_md(out_root: Path, target: Path, meta: dict) -> None:
-    results = _load(out_root)
-    dense_file = out_root / "dense.json"
-    dense = json.loads(dense_file.read_text()) if dense_file.exists() else None
-    dense_opt_file = out_root / "dense-opt.json"
-    dense_opt = json.loads(dense_opt_file.read_text()) if dense_opt_file.exists() else None
+def write_benchmarks_md(sweep_file: Path, target: Path) -> None:
+    if not sweep_file.exists():
+        raise FileNotFoundError(f"{sweep_file} does not exist: run the sweep first (python benchmarks/run_all.py)")
+    sweep = json.loads(sweep_file.read_text())
+    results, dense, dense_opt, meta = sweep["cells"], sweep.get("dense"), sweep.get("dense_opt"), sweep["meta"]
     parts = [INTRO]
-    summary = Path(__file__).resolve().parent / "results" / "summary.md"  # headline numbers, by hand
+    results_dir = RESULTS_DIR
+    summary = results_dir / "summary.md"  # headline numbers, by hand
     if summary.exists():
         parts.append(summary.read_text().strip() + "\n")
-    results_dir = Path(__file__).resolve().parent / "results"
     for name in ("reference_model.md", "reference_model_opt.md", "pruning_peers.md", "adapter_step.md"):
         f = results_dir / name
         if f.exists():

@@ -63,3 +63,38 @@ def test_every_peer_run_parses_with_its_script(tmp_path):
         else:
             args = bench_adapter_step.parse_args(rest)
         assert getattr(args, "threads") == 1, name  # peer timings are single-threaded
+
+
+def _cell(name: str, ppl: float) -> dict:
+    return {"name": name, "command": f"losa finetune --seed 0 --out x/{name}", "wall_s": 1.0, "peak_rss_mib": 10.0,
+            "report": {"metrics": {"perplexity": ppl}, "training": {"loss": [3.0, 2.0], "seconds": 1.0}}}
+
+
+def test_sweep_results_merge_into_the_committed_file_and_rebuild_the_tables(tmp_path):
+    import json
+
+    from tables import save_sweep, write_benchmarks_md
+
+    out, sweep = tmp_path / "bench-out", tmp_path / "sweep.json"
+    for name, ppl in (("t1-wanda-0.7-s0-pruned", 54.5), ("t1-wanda-0.7-s0-losa", 51.4)):
+        (out / name).mkdir(parents=True)
+        (out / name / "result.json").write_text(json.dumps(_cell(name, ppl)))
+    (out / "dense.json").write_text(json.dumps({"perplexity": 31.9, "tokens": 1000}))
+    meta = {"argv": "python benchmarks/run_all.py", "machine": "test", "args": {"jobs": 2}}
+    save_sweep(out, sweep, meta)
+    saved = json.loads(sweep.read_text())
+    assert set(saved["cells"]) == {"t1-wanda-0.7-s0-pruned", "t1-wanda-0.7-s0-losa"} and saved["dense"]["perplexity"] == 31.9
+    assert "loss" not in saved["cells"]["t1-wanda-0.7-s0-losa"]["report"]["training"]  # compacted
+    # a later partial run replaces its own cells only
+    fresh = tmp_path / "rerun"
+    (fresh / "t1-wanda-0.7-s0-losa").mkdir(parents=True)
+    (fresh / "t1-wanda-0.7-s0-losa" / "result.json").write_text(json.dumps(_cell("t1-wanda-0.7-s0-losa", 50.0)))
+    save_sweep(fresh, sweep, meta)
+    cells = json.loads(sweep.read_text())["cells"]
+    assert cells["t1-wanda-0.7-s0-losa"]["report"]["metrics"]["perplexity"] == 50.0 and "t1-wanda-0.7-s0-pruned" in cells
+    target = tmp_path / "BENCHMARKS.md"
+    write_benchmarks_md(sweep, target)  # from the committed file alone (no bench-out)
+    text = target.read_text()
+    assert "| wanda | 70% | 54.50 | n/a | 50.00 | 0 |" in text and "**31.90**" in text
+    with pytest.raises(FileNotFoundError, match="run the sweep first"):
+        write_benchmarks_md(tmp_path / "missing.json", target)

@@ -135,3 +135,23 @@ def test_c4_follows_the_wanda_sparsegpt_protocol(tokenizer, monkeypatch):
     assert calib.shape == (8, 12)
     assert all(any(_is_slice(w, ids) for ids in encoded) for w in calib.tolist())
     assert "train" in next(iter(calls[-1][1].values()))
+
+
+def test_instruction_samples_end_in_eos_from_jsonl_and_from_the_hub(tokenizer, tmp_path, monkeypatch):
+    """Alpaca records from a local jsonl and from alpaca-gpt4 (datasets.load_dataset replaced by the
+    same records) give the same samples: prompt + response + EOS, truncated to seqlen."""
+    import datasets
+
+    from losa.train import training_samples
+
+    records = [{"instruction": f"Name the model {i}.", "input": "", "output": "the data " * (1 + i)} for i in range(6)]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(
+        {key: [r[key] for r in records] for key in records[0]}))
+    local = training_samples(tokenizer, f"jsonl:{path}", 6, 64, seed=0)
+    hub = training_samples(tokenizer, "alpaca-gpt4", 6, 64, seed=0)
+    assert local == hub
+    assert all(s[-1] == tokenizer.eos_token_id and len(s) <= 64 for s in local)
+    expected = {tuple(tokenizer("".join(format_alpaca(r)), add_special_tokens=False)["input_ids"][:63]) for r in records}
+    assert {tuple(s[:-1]) for s in local} == expected

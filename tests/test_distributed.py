@@ -39,7 +39,8 @@ def test_two_processes_compute_the_same_model_and_write_once(tmp_path, model_dir
         report.pop("plots", None)  # written by the main process only
         for step in report["steps"]:
             step.pop("seconds")
-            step["training"].pop("seconds")
+            for measured in ("seconds", "cpu_seconds", "peak_memory_mib"):  # timings and memory differ by process
+                step["training"].pop(measured)
     # the same masks, importances, reconstruction errors (which see step 1's trained adapters) and perplexity
     assert reports[0] == reports[1]
     # the processes split each step's samples: the last step's 22 are 11 per process, 6 batches of 2

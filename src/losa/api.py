@@ -159,19 +159,20 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
         with timer("losa"):
             records = run_losa(model, tokenizer, calib, samples, config, state, stop_after=stop_after)
         final_patterns = [Pattern.parse(p) for p in records[-1].block_patterns]
-        masks = {name: layer.mask.clone() for name, layer in adapter_layers(model).items()}
-        remove_adapters(model)
-        _check_merged_sparsity(model, masks, final_patterns)
         extra["steps"] = [r.as_dict() for r in records]
         extra["trainable_parameters"] = records[-1].trainable_parameters
     else:
         with timer(config.method):
             model, summary = BASELINES[config.method](model, tokenizer, calib, samples, config)
         extra.update(summary)
-    report = Report("finetune", config.as_dict(), extra=extra)
     base = model.get_base_model() if config.method == "lora" else model
     if config.method != "losa":  # the baselines prune one shot to the target
         final_patterns = expand_patterns(config.target(), len(architecture_of(base).blocks(base)))
+    masks = {name: layer.mask.clone() for name, layer in adapter_layers(model).items()}
+    if masks:  # masked adapters (LoSA, Sparse LoRA): merged away, the sparsity checked exactly
+        remove_adapters(model)
+        _check_merged_sparsity(model, masks, final_patterns)
+    report = Report("finetune", config.as_dict(), extra=extra)
     report.layers = layer_sparsities(base, final_patterns)
     if config.eval:
         with timer("eval"):

@@ -4,7 +4,7 @@
   update cannot be merged without destroying sparsity, so it is kept (and saved) unmerged, and the
   density a merge would have is reported.
 - ``sparse-lora``: losa's masked adapter at a fixed uniform rank on the one-shot pruned model,
-  trained once, merged (static final sparsity).
+  trained once (static final sparsity); returned unmerged, ``api.finetune`` merges it like LoSA's.
 - ``ft-then-sparsify``: LoRA on the dense model, merged, then pruned one-shot.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from losa.adapters import inject_adapters, remove_adapters, trainable_parameters
+from losa.adapters import inject_adapters, trainable_parameters
 from losa.config import FinetuneConfig
 from losa.models.registry import architecture_of
 from losa.pruning.sequential import prune_model
@@ -59,7 +59,7 @@ def sparse_lora(model, tokenizer, calib_ids, samples, cfg: FinetuneConfig) -> tu
     inject_adapters(model, {n: cfg.losa.lora_rank for n in names}, cfg.losa.alpha, cfg.losa.dropout)
     params = trainable_parameters(model)
     training = train(model, samples, tokenizer, cfg.training, seed=cfg.seed, device=cfg.device, desc="Sparse LoRA")
-    return remove_adapters(model), {"training": training, "trainable_parameters": params}
+    return model, {"training": training, "trainable_parameters": params}  # the caller merges (and checks) it
 
 
 def ft_then_sparsify(model, tokenizer, calib_ids, samples, cfg: FinetuneConfig) -> tuple[nn.Module, dict]:

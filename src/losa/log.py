@@ -27,18 +27,40 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    if quiet:  # progress bars off too (tqdm reads TQDM_DISABLE only at import, so patch the class)
-        from functools import partialmethod
-
-        import tqdm
-        import tqdm.auto
-
-        os.environ["TQDM_DISABLE"] = "1"
-        for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
-            cls.__init__ = partialmethod(cls.__init__, disable=True)
+    _set_progress_bars(enabled=not quiet)
+    # lm-eval warns about how we hand it the model (an in-memory model, our own num_fewshot) on every run
+    logging.getLogger("lm_eval").setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+_ORIGINAL_TQDM_INITS: dict = {}
+
+
+def _set_progress_bars(enabled: bool) -> None:
+    """Every tqdm bar off when quiet, also where the caller passes ``disable=`` itself (lm-eval
+    does); back on for a later non-quiet setup. tqdm reads TQDM_DISABLE only at import, so the
+    classes are patched."""
+    import tqdm
+    import tqdm.auto
+
+    if enabled:
+        for cls, init in _ORIGINAL_TQDM_INITS.items():
+            cls.__init__ = init
+        _ORIGINAL_TQDM_INITS.clear()
+        if os.environ.get("TQDM_DISABLE") == "1":
+            del os.environ["TQDM_DISABLE"]
+        return
+    os.environ["TQDM_DISABLE"] = "1"
+    for cls in {tqdm.tqdm, tqdm.auto.tqdm} - set(_ORIGINAL_TQDM_INITS):
+        original = _ORIGINAL_TQDM_INITS[cls] = cls.__init__
+
+        def quiet_init(self, *args, _original=original, **kwargs):
+            kwargs["disable"] = True
+            _original(self, *args, **kwargs)
+
+        cls.__init__ = quiet_init

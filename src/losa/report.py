@@ -42,6 +42,39 @@ class Timer:
         return out
 
 
+class PeakMemory:
+    """Peak memory of the code inside ``with PeakMemory(device) as peak:``, in MiB (``peak.mib``).
+
+    CUDA: torch's peak allocated bytes, reset at entry. CPU: the process's peak resident set
+    (Linux VmHWM), reset at entry through /proc/self/clear_refs, so it counts this phase only
+    (``None`` where that is not possible).
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.mib: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets the peak RSS to the current RSS
+                self._cpu = True
+            except OSError:
+                self._cpu = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._cpu:
+            with open("/proc/self/status") as f:
+                kib = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+            self.mib = None if kib is None else kib / 1024
+
+
 def environment() -> dict:
     import transformers
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from losa.config import TrainConfig
-from losa.data import DataSpec, load_documents, read_jsonl, format_alpaca, tokenize_documents
+from losa.data import DataSpec, load_documents, read_jsonl, tokenize_documents
 from losa.errors import DataError, TrainingError
+from losa.report import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,12 @@ def training_samples(tokenizer, spec: str, num_samples: int, seqlen: int, seed: 
     """
     parsed = DataSpec.parse(spec)
     gen = torch.Generator().manual_seed(seed)
-    if parsed.kind == "jsonl" and any("instruction" in r for r in read_jsonl(parsed.path)[:1]):
-        records = read_jsonl(parsed.path)
-        texts = ["".join(format_alpaca(r)) for r in records]
+    instructions = parsed.kind == "jsonl" and any("instruction" in r for r in read_jsonl(parsed.path)[:1])
+    if instructions or parsed.kind == "alpaca-gpt4":  # one Alpaca-formatted record per sample, ending in EOS
+        texts = load_documents(parsed, "train")
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         encoded = [ids[: seqlen - len(eos)] + eos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         samples = [encoded[i] for i in torch.randperm(len(encoded), generator=gen).tolist()]
-    elif parsed.kind == "alpaca-gpt4":
-        texts = load_documents(parsed, "train")
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        samples = [encoded[i][:seqlen] for i in torch.randperm(len(encoded), generator=gen).tolist()]
     else:
         tokens = tokenize_documents(tokenizer, load_documents(parsed, "train"))
         count = tokens.numel() // seqlen
@@ -182,11 +179,12 @@ def train(
                           callbacks=[_FiniteLossGuard(), _loss_bar(desc)])
         for noisy in (ProgressCallback, PrinterCallback):  # their per-step dict printing is replaced by _loss_bar
             trainer.remove_callback(noisy)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
-        trainer.train()
+        with PeakMemory(device) as peak:
+            trainer.train()
         model.eval()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:  # the last update diverged after the last logged loss
         raise TrainingError(
@@ -202,4 +200,6 @@ def train(
         "samples": len(samples),
         "tokens": sum(len(s) for s in samples),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # process CPU time: the load of other jobs does not inflate it
+        "peak_memory_mib": peak.mib,  # CPU: peak resident set while training; CUDA: peak allocated
     }
