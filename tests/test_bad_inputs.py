@@ -117,6 +117,24 @@ def test_finetune_missing_eval_file_fails_before_loading(tmp_path, model_dirs, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["prune", "finetune", "eval"])
+def test_offline_hub_dataset_fails_before_the_model_loads(tmp_path, model_dirs, text_file, monkeypatch, command):
+    from losa.config import PruneConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    forbid(monkeypatch, api, "load_model")
+    forbid(monkeypatch, api, "load_evaluation_model")
+    with pytest.raises(DataError, match="could not load the hub dataset .*offline, pass local data as text:PATH"):
+        if command == "prune":
+            api.prune(PruneConfig(model=str(model_dirs["llama"]), out=str(tmp_path / "o"), sparsity=0.5, calib="c4"))
+        elif command == "finetune":
+            api.finetune(tiny_finetune(model_dirs["llama"], text_file, tmp_path / "o", train="alpaca-gpt4"))
+        else:
+            api.evaluate(EvalConfig(model=str(model_dirs["llama"]), data="wikitext2"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_finetune_eval_window_beyond_the_context_names_the_flag(tmp_path, model_dirs, text_file, monkeypatch, capsys,
                                                                 restore_logging):
     forbid(monkeypatch, api, "calibration_ids")

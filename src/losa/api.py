@@ -10,7 +10,7 @@ import torch
 from losa.checkpoint import (LORA_ADAPTER_SUBDIR, atomic_output_dir, check_context_length, check_output_dir,
                              load_evaluation_model, load_model, lora_adapter_dir, save_pretrained, write_json_atomic)
 from losa.config import EvalConfig, PruneConfig, check_device_available
-from losa.data import DataSpec, calibration_ids, evaluation_ids
+from losa.data import calibration_ids, check_data_available, evaluation_ids
 from losa.distributed import local_device, main_process_writes
 from losa.perplexity import perplexity
 from losa.models.registry import architecture_of
@@ -30,7 +30,7 @@ def prune(config: PruneConfig) -> dict:
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)  # fail before the expensive part
     if make_pruner(config.method, 8).needs_inputs:
-        DataSpec.parse(config.calib)  # a missing file fails before the model is loaded
+        check_data_available(config.calib, "train")  # a missing file / no network fails before the model loads
     timer = Timer()
     with timer("load"):
         model, tokenizer = load_model(
@@ -67,7 +67,7 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict:
     timer = Timer()
     adapter = None
     if model is None:
-        DataSpec.parse(config.data)  # a missing file fails before the model is loaded
+        check_data_available(config.data, "eval")  # a missing file / no network fails before the model loads
         with timer("load"):
             model, tokenizer = load_evaluation_model(
                 config.model, dtype=config.dtype, device=config.device, allow_pickle=config.allow_pickle,
@@ -127,9 +127,9 @@ def finetune(config: FinetuneConfig, stop_after: int | None = None) -> dict:
     config = dataclasses.replace(config, device=local_device(config.device))
     if config.out is not None:
         check_output_dir(config.out, config.overwrite)
-    for spec in (config.calib, config.train, config.eval):  # missing files fail before the model is loaded
-        if spec:
-            DataSpec.parse(spec)
+    for spec, split in ((config.calib, "train"), (config.train, "train"), (config.eval, "eval")):
+        if spec:  # a missing file / no network fails before the model loads
+            check_data_available(spec, split)
     timer = Timer()
     with timer("load"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, allow_pickle=config.allow_pickle,

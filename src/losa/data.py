@@ -94,6 +94,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def check_data_available(spec: str, split: str = "train") -> DataSpec:
+    """Before the model is loaded: a local source exists, and a hub dataset is fetched now (into the
+    datasets cache, which the later load reads), so an offline machine fails fast."""
+    parsed = DataSpec.parse(spec)
+    if parsed.kind in HUB_DATASETS:
+        _load_hub(parsed.kind, split)
+    return parsed
+
+
 def load_documents(spec: str | DataSpec, split: str = "train") -> list[str]:
     """The documents of a data source, in a deterministic order.
 
@@ -140,7 +149,7 @@ def _load_hub(name: str, split: str) -> list[str]:
         files = {"train": "en/c4-train.00000-of-01024.json.gz", "eval": "en/c4-validation.00000-of-00008.json.gz"}
         ds = datasets.load_dataset("allenai/c4", data_files={split: files["train" if split == "train" else "eval"]}, split=split)
         if split == "train":
-            return list(ds["text"])
+            return ds["text"]  # lazy in datasets >= 4: calibration reads only the documents it samples
         # the Wanda / SparseGPT protocol: the first 1100 validation documents joined by spaces (and
         # C4_EVAL_WINDOWS windows of them, see evaluation_ids)
         return [" ".join(ds.select(range(min(C4_EVAL_DOCUMENTS, len(ds))))["text"])]
@@ -165,7 +174,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
     """All documents tokenised and joined into one 1-D LongTensor, separated by EOS where defined."""
-    encoded = _encode(tokenizer, documents)
+    encoded = _encode(tokenizer, list(documents))
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(documents) > 1 else []
     ids: list[int] = []
     for i, doc in enumerate(encoded):

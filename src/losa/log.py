@@ -28,8 +28,10 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     _set_progress_bars(enabled=not quiet)
-    # lm-eval warns about how we hand it the model (an in-memory model, our own num_fewshot) on every run
-    logging.getLogger("lm_eval").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    # lm-eval warns about how we hand it the model (an in-memory model, our own num_fewshot) on every
+    # run; the hub libraries warn about each retry before the one-line error losa gives when offline
+    for chatty in ("lm_eval", "huggingface_hub", "datasets"):
+        logging.getLogger(chatty).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         from transformers.utils import logging as hf_logging
 
