@@ -84,7 +84,7 @@ def cell_commands(args) -> dict[str, list[str]]:
                                                 "--sparsity", "0.7", *data, *train, *ev, "--seed", str(seed)]
     # investigation of LoRA vs LoSA (run last): the ordering where pruning hurts most, a 3x
     # fine-tuning budget for both, and LoSA variants (SVD shrinking, no adapter dropout)
-    for s in ("0.8", "0.9"):
+    for s in ("0.4", "0.8", "0.9"):  # LoRA beside the robustness rows
         ft(f"inv-wanda-{s}-lora", "lora", "wanda", ["--sparsity", s])
     big = ["--train-samples", str(3 * args.train_samples)]
     ft("inv-budget3x-lora", "lora", *w70, big)
