@@ -40,7 +40,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-_ORIGINAL_TQDM_INITS: dict = {}
+_ORIGINAL_TQDM_INITS: dict = {}  # filled while quiet: tqdm class -> its own __init__, and the env's TQDM_DISABLE
 
 
 def _set_progress_bars(enabled: bool) -> None:
@@ -51,14 +51,21 @@ def _set_progress_bars(enabled: bool) -> None:
     import tqdm.auto
 
     if enabled:
-        for cls, init in _ORIGINAL_TQDM_INITS.items():
-            cls.__init__ = init
-        _ORIGINAL_TQDM_INITS.clear()
-        if os.environ.get("TQDM_DISABLE") == "1":
-            del os.environ["TQDM_DISABLE"]
+        if _ORIGINAL_TQDM_INITS:
+            previous = _ORIGINAL_TQDM_INITS.pop("TQDM_DISABLE")
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+            for cls, init in _ORIGINAL_TQDM_INITS.items():
+                cls.__init__ = init
+            _ORIGINAL_TQDM_INITS.clear()
         return
+    if _ORIGINAL_TQDM_INITS:  # already quiet
+        return
+    _ORIGINAL_TQDM_INITS["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
-    for cls in {tqdm.tqdm, tqdm.auto.tqdm} - set(_ORIGINAL_TQDM_INITS):
+    for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
         original = _ORIGINAL_TQDM_INITS[cls] = cls.__init__
 
         def quiet_init(self, *args, _original=original, **kwargs):
