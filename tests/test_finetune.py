@@ -247,3 +247,40 @@ def test_optim_flag_reaches_the_config_and_bad_names_name_the_flag():
     assert cli.finetune_config(parser.parse_args(base + ["--optim", "adamw_torch"])).training.optim == "adamw_torch"
     with pytest.raises(ConfigError, match=r"^--optim 'bogus' is not a transformers optimiser"):
         cli.finetune_config(parser.parse_args(base + ["--optim", "bogus"]))
+
+
+def test_a_killed_cli_run_resumes_to_the_same_result(tmp_path, model_dirs, text_file):
+    """A real interruption: ``losa finetune`` is SIGKILLed in a subprocess once a step is saved;
+    rerunning the same command continues from that step and ends bit-identical to a run that
+    was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(out):
+        return [sys.executable, "-m", "losa.cli", "finetune", "--model", str(model_dirs["llama"]), "--out", str(out),
+                "--sparsity", "0.6", "--calib", f"text:{text_file}", "--nsamples", "8", "--seqlen", "32",
+                "--train", f"text:{text_file}", "--train-samples", "60", "--train-seqlen", "32", "--steps", "4",
+                "--lsr-samples", "8", "--sra-samples", "4", "--dropout", "0", "--train-batch-size", "4",
+                "--grad-accum", "1", "--seed", "0", "-q"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(argv(straight), env=env, check=True, capture_output=True, timeout=300)
+    latest = tmp_path / "resumed.state" / "latest.json"
+    proc = subprocess.Popen(argv(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs: only what was written atomically survives
+    proc.wait()
+    killed_after = json.loads(latest.read_text())["step"]
+    assert 1 <= killed_after < 4 and not resumed.exists()
+    done = subprocess.run(argv(resumed), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((resumed / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3, 4]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
