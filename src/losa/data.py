@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def check_data_available(spec: str, split: str = "train") -> DataSpec:
     return parsed
 
 
-def load_documents(spec: str | DataSpec, split: str = "train") -> list[str]:
+def load_documents(spec: str | DataSpec, split: str = "train") -> Sequence[str]:
     """The documents of a data source, in a deterministic order.
 
     ``split`` only matters for hub datasets (``train`` for calibration / training, ``eval`` for
@@ -135,7 +136,7 @@ def load_documents(spec: str | DataSpec, split: str = "train") -> list[str]:
     return docs
 
 
-def _load_hub(name: str, split: str) -> list[str]:
+def _load_hub(name: str, split: str) -> Sequence[str]:
     try:
         import datasets
 
@@ -172,7 +173,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
         hf_logging.set_verbosity(verbosity)
 
 
-def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
+def tokenize_documents(tokenizer, documents: Sequence[str]) -> torch.Tensor:
     """All documents tokenised and joined into one 1-D LongTensor, separated by EOS where defined."""
     encoded = _encode(tokenizer, list(documents))
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(documents) > 1 else []
@@ -207,7 +208,7 @@ def contiguous_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     return tokens[: count * seqlen].view(count, seqlen)
 
 
-def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_document_windows(tokenizer, documents: Sequence[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens, each from its own document longer than ``seqlen``
     tokens at a random offset (the Wanda / SparseGPT C4 calibration). Documents are tokenised one
     at a time in a seeded order, only until enough are found: a C4 shard is never tokenised whole."""
