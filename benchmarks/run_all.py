@@ -253,7 +253,6 @@ def main() -> int:
                 "args": {k: v for k, v in vars(args).items() if k not in ("only", "tables_only", "out")}}
         if args.only and SWEEP_FILE.exists():  # a partial rerun keeps the sweep's command
             meta = json.loads(SWEEP_FILE.read_text())["meta"]
-    if not args.tables_only:
         save_sweep(out_root, SWEEP_FILE, meta)
     write_benchmarks_md(SWEEP_FILE, ROOT / "BENCHMARKS.md")
     return 0

@@ -171,17 +171,16 @@ def write_benchmarks_md(sweep_file: Path, target: Path) -> None:
     sweep = json.loads(sweep_file.read_text())
     results, dense, dense_opt, meta = sweep["cells"], sweep.get("dense"), sweep.get("dense_opt"), sweep["meta"]
     parts = [INTRO]
-    results_dir = RESULTS_DIR
-    summary = results_dir / "summary.md"  # headline numbers, by hand
+    summary = RESULTS_DIR / "summary.md"  # headline numbers, by hand
     if summary.exists():
         parts.append(summary.read_text().strip() + "\n")
     for name in ("reference_model.md", "reference_model_opt.md", "pruning_peers.md", "adapter_step.md"):
-        f = results_dir / name
+        f = RESULTS_DIR / name
         if f.exists():
             parts.append(f.read_text().strip() + "\n")
     if results:
         parts.append(sweep_tables(results, dense, meta, dense_opt))
-    analysis = results_dir / "analysis.md"  # the reading of the sweep's numbers, written by hand
+    analysis = RESULTS_DIR / "analysis.md"  # the reading of the sweep's numbers, written by hand
     if analysis.exists():
         parts.append(analysis.read_text().strip() + "\n")
     if results:

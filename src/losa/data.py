@@ -185,10 +185,14 @@ def tokenize_documents(tokenizer, documents: Sequence[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str = "calibration") -> torch.Tensor:
-    """``nsamples`` distinct non-overlapping windows of ``seqlen`` tokens, chosen with ``seed``."""
+def _check_sampling(nsamples: int, seqlen: int) -> None:
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+
+
+def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str = "calibration") -> torch.Tensor:
+    """``nsamples`` distinct non-overlapping windows of ``seqlen`` tokens, chosen with ``seed``."""
+    _check_sampling(nsamples, seqlen)
     available = tokens.numel() // seqlen
     if available < nsamples:
         raise DataError(
@@ -212,8 +216,7 @@ def sample_document_windows(tokenizer, documents: Sequence[str], nsamples: int, 
     """``nsamples`` windows of ``seqlen`` tokens, each from its own document longer than ``seqlen``
     tokens at a random offset (the Wanda / SparseGPT C4 calibration). Documents are tokenised one
     at a time in a seeded order, only until enough are found: a C4 shard is never tokenised whole."""
-    if nsamples < 1 or seqlen < 2:
-        raise DataError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    _check_sampling(nsamples, seqlen)
     gen = torch.Generator().manual_seed(seed)
     windows = []
     for i in torch.randperm(len(documents), generator=gen).tolist():

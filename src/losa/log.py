@@ -40,7 +40,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-_ORIGINAL_TQDM_INITS: dict = {}  # filled while quiet: tqdm class -> its own __init__, and the env's TQDM_DISABLE
+_QUIET: dict = {}  # while quiet: {"inits": {tqdm class: its own __init__}, "env": the TQDM_DISABLE it had}
 
 
 def _set_progress_bars(enabled: bool) -> None:
@@ -50,23 +50,21 @@ def _set_progress_bars(enabled: bool) -> None:
     import tqdm
     import tqdm.auto
 
+    if enabled == (not _QUIET):  # already as asked
+        return
     if enabled:
-        if _ORIGINAL_TQDM_INITS:
-            previous = _ORIGINAL_TQDM_INITS.pop("TQDM_DISABLE")
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
-            for cls, init in _ORIGINAL_TQDM_INITS.items():
-                cls.__init__ = init
-            _ORIGINAL_TQDM_INITS.clear()
+        for cls, init in _QUIET["inits"].items():
+            cls.__init__ = init
+        if _QUIET["env"] is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = _QUIET["env"]
+        _QUIET.clear()
         return
-    if _ORIGINAL_TQDM_INITS:  # already quiet
-        return
-    _ORIGINAL_TQDM_INITS["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE")
+    _QUIET.update(inits={}, env=os.environ.get("TQDM_DISABLE"))
     os.environ["TQDM_DISABLE"] = "1"
     for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
-        original = _ORIGINAL_TQDM_INITS[cls] = cls.__init__
+        original = _QUIET["inits"][cls] = cls.__init__
 
         def quiet_init(self, *args, _original=original, **kwargs):
             kwargs["disable"] = True
